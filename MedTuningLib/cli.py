@@ -1,0 +1,339 @@
+"""The ``medtuning`` command line (also ``python -m MedTuningLib``).
+
+The parser is the contract the Slicer module, the benches and the tests build against
+(DESIGN.md, "Contracts"): add options, never rename these. Each sub-command lives in
+``MedTuningLib/commands/<name>.py`` as ``run(args, ctx) -> dict`` (its outputs); this module owns
+the common parts: the ``start`` / ``error`` / ``done`` events, exit statuses, cancel handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from MedTuningLib import __version__
+from MedTuningLib.cancel import CancelToken
+from MedTuningLib.errors import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, Cancelled,
+                                 MedTuningError)
+from MedTuningLib.events import EventStream
+
+ARCHS = ("vit_upernet", "swin_unet", "vit_setr_naive", "vit_setr_pup", "vit_setr_mla", "vit_unet", "swin_unetr")
+METHODS = ("med_tuning", "full", "head", "scratch", "vpt_shallow", "vpt_deep", "adapter", "adaptformer",
+           "st_adapter", "pro_tuning")
+TASKS = ("kits", "brats", "custom")
+SOURCE_LABELS = ("brats2015", "brats2019", "brats2023")
+DEVICES = ("auto", "cpu", "cuda")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class CommandContext:
+    """What every sub-command receives besides its parsed arguments."""
+
+    events: EventStream
+    cancel: CancelToken = field(default_factory=CancelToken)
+    command: str = ""
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so usage errors become ``error`` events."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _crop(text: str) -> tuple[int, int, int]:
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"crop must look like DxHxW (e.g. 16x128x128), not {text!r}")
+    if len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"crop must be three positive sizes DxHxW, not {text!r}")
+    return dims  # type: ignore[return-value]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", choices=("jsonl", "text"), default="text",
+                   help="jsonl: one JSON event per line on stdout and nothing else (for programs); "
+                        "text: human-readable output (default)")
+
+
+def _add_model_options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    p.add_argument("--arch", choices=ARCHS, default="vit_upernet" if defaults else None,
+                   help="architecture (default vit_upernet: ViT-B/16 + UPerNet)")
+    p.add_argument("--backbone", default=None,
+                   help="timm backbone name (default: the paper's for the arch; e.g. vit_tiny_patch16_224, "
+                        "vit_small_patch16_224 for CPU work)")
+    p.add_argument("--method", choices=METHODS, default="med_tuning" if defaults else None,
+                   help="tuning method (default med_tuning)")
+    p.add_argument("--alpha", type=_positive_float, default=6.0, help="Med-Adapter reduction: bottleneck = C / alpha")
+    p.add_argument("--no-local", dest="local_branch", action="store_false",
+                   help="ablation: drop the adapter's multi-scale local branch")
+    p.add_argument("--global-branch", choices=("fft", "dwconv9", "dwconv11", "none"), default="fft",
+                   help="ablation: adapter global branch (FFT, or a large-kernel depthwise conv instead, or none)")
+    p.add_argument("--no-mix", dest="mix", action="store_false", help="ablation: drop the adapter's 1x1x1 mixing conv")
+    p.add_argument("--fusion", choices=("concat", "add", "max", "none"), default="concat",
+                   help="ablation: inter-stage feature fusion")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="medtuning", description="Med-Tuning for 3D medical image segmentation: fine-tune "
+                     "Med-Adapters on a frozen pretrained vision transformer, segment, evaluate.")
+    parser.add_argument("--version", action="version", version=f"medtuning {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    # train ---------------------------------------------------------------------------------------
+    p = sub.add_parser("train", help="tune a model on a case library")
+    p.add_argument("--library", type=Path, required=True, help="case library folder (cases.json)")
+    p.add_argument("--out", type=Path, required=True, help="model folder to create (works in OUT.partial/)")
+    p.add_argument("--task", choices=TASKS, default="custom", help="label scheme preset")
+    p.add_argument("--labels", default=None,
+                   help='custom label mapping for unnamed labelmaps, e.g. "Kidney=2,3;Spleen=1"')
+    p.add_argument("--source-labels", choices=SOURCE_LABELS, default="brats2015",
+                   help="label convention of the BraTS source files (brats task)")
+    _add_model_options(p)
+    p.add_argument("--weights", default="hub",
+                   help="base weights: hub (Hugging Face cache or download), a local FILE, or none (random, "
+                        "not pretrained)")
+    p.add_argument("--crop", type=_crop, default=(16, 128, 128), help="training crop DxHxW (default 16x128x128)")
+    p.add_argument("--batch", type=_positive_int, default=2, help="crops per step")
+    p.add_argument("--accumulate", type=_positive_int, default=1, help="gradient accumulation steps")
+    p.add_argument("--epochs", type=_positive_int, default=50)
+    p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
+                   help="training steps per epoch (default: one pass over the training cases' crops)")
+    p.add_argument("--minutes", type=_positive_float, default=None, help="time budget; stops cleanly when spent")
+    p.add_argument("--lr", type=_positive_float, default=2e-3, help="learning rate (paper: 2e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up before the cosine schedule")
+    p.add_argument("--loss", choices=("dice", "dice_ce"), default="dice_ce", help="dice (paper) or dice+cross-entropy")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast precision (auto: bf16 where the device supports it)")
+    p.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
+                   help="activation checkpointing of frozen blocks")
+    p.add_argument("--val-every", type=_positive_int, default=1, help="validate every N epochs")
+    p.add_argument("--val-split", choices=("val", "test", "train"), default="val",
+                   help="split used for validation (falls back to a held-out train case when empty)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--init-from", type=Path, default=None, help="warm start from an earlier model folder")
+    p.add_argument("--resume", action="store_true", help="continue OUT.partial/ from its last saved state")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT (kept until the new one is complete)")
+    _add_common(p)
+
+    # segment -------------------------------------------------------------------------------------
+    p = sub.add_parser("segment", help="segment a scan with a model folder")
+    p.add_argument("--model", type=Path, required=True, help="model folder")
+    p.add_argument("--image", type=Path, action="append", required=True,
+                   help="input volume; one per modality, in the model's channel order")
+    p.add_argument("--out", type=Path, required=True, help="result .seg.nrrd")
+    p.add_argument("--labelmap", type=Path, default=None, help="also write a labelmap (e.g. .nii.gz)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (0..1)")
+    p.add_argument("--min-component", type=int, default=0,
+                   help="remove connected components smaller than this many voxels (0: keep all)")
+    p.add_argument("--weights", default=None, help="base-weights file, when not where the model folder recorded")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    _add_common(p)
+
+    # evaluate ------------------------------------------------------------------------------------
+    p = sub.add_parser("evaluate", help="Dice and HD95 of a model on a case library split")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--library", type=Path, required=True)
+    p.add_argument("--split", choices=SPLITS + ("all",), default="test")
+    p.add_argument("--report", type=Path, default=None, help="folder for report.json / report.md / report.html")
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    _add_common(p)
+
+    # params --------------------------------------------------------------------------------------
+    p = sub.add_parser("params", help="parameter counts of an architecture under a tuning method")
+    _add_model_options(p)
+    p.add_argument("--in-channels", type=_positive_int, default=4)
+    p.add_argument("--classes", type=_positive_int, default=4)
+    p.add_argument("--img-size", type=_positive_int, default=128, help="slice size H=W (paper 128)")
+    p.add_argument("--depth", type=_positive_int, default=128, help="crop depth D (FFT filter size; paper 128)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(p)
+
+    # info ----------------------------------------------------------------------------------------
+    p = sub.add_parser("info", help="versions, devices, models and where files live")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--errors", action="store_true", help="print the error-code catalogue (Markdown)")
+    p.add_argument("--model", type=Path, default=None, help="describe a model folder")
+    _add_common(p)
+
+    # demo ----------------------------------------------------------------------------------------
+    p = sub.add_parser("demo", help="tune, segment and evaluate on the chest CT shipped with slicerio")
+    p.add_argument("--out", type=Path, default=Path("demo-output"))
+    p.add_argument("--minutes", type=_positive_float, default=None, help="training time budget")
+    p.add_argument("--weights", default="auto",
+                   help="auto (pretrained from the hub cache if present, else none), hub, FILE or none")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an earlier demo output")
+    _add_common(p)
+
+    # cases ---------------------------------------------------------------------------------------
+    p = sub.add_parser("cases", help="manage a case library (add / list / remove)")
+    csub = p.add_subparsers(dest="cases_command", metavar="ACTION", parser_class=_Parser)
+    csub.required = True
+    c = csub.add_parser("add", help="copy a labelled case into the library")
+    c.add_argument("--library", type=Path, required=True)
+    c.add_argument("--image", type=Path, action="append", required=True, help="one per modality, in channel order")
+    c.add_argument("--label", type=Path, required=True, help="labelmap or .seg.nrrd")
+    c.add_argument("--modality", action="append", default=None, help="modality name per --image (e.g. CT, FLAIR)")
+    c.add_argument("--split", choices=SPLITS, default="train")
+    c.add_argument("--id", dest="case_id", default=None, help="case id (default: from the first image's name)")
+    c.add_argument("--provenance", choices=("import", "scene", "correction"), default="import")
+    c.add_argument("--source", default=None, help="where the case came from (free text)")
+    _add_common(c)
+    c = csub.add_parser("list", help="list the library's cases")
+    c.add_argument("--library", type=Path, required=True)
+    c.add_argument("--split", choices=SPLITS, default=None)
+    c.add_argument("--json", action="store_true")
+    _add_common(c)
+    c = csub.add_parser("remove", help="remove a case (its files too)")
+    c.add_argument("--library", type=Path, required=True)
+    c.add_argument("--id", dest="case_id", required=True)
+    _add_common(c)
+    c = csub.add_parser("split", help="change a case's split")
+    c.add_argument("--library", type=Path, required=True)
+    c.add_argument("--id", dest="case_id", required=True)
+    c.add_argument("--split", choices=SPLITS, required=True)
+    _add_common(c)
+
+    # bench ---------------------------------------------------------------------------------------
+    p = sub.add_parser("bench", help="benchmarks that print tables")
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=_Parser)
+    bsub.required = True
+    b = bsub.add_parser("train", help="tuning methods side by side: tuned params, step time, peak memory")
+    b.add_argument("--arch", choices=ARCHS, default="vit_upernet")
+    b.add_argument("--backbone", default=None)
+    b.add_argument("--crop", type=_crop, default=(16, 128, 128))
+    b.add_argument("--batch", type=_positive_int, default=2)
+    b.add_argument("--in-channels", type=_positive_int, default=4)
+    b.add_argument("--classes", type=_positive_int, default=4)
+    b.add_argument("--methods", default="full,head,med_tuning,adapter,st_adapter",
+                   help="comma-separated tuning methods")
+    b.add_argument("--steps", type=_positive_int, default=5, help="timed steps per method (after warm-up)")
+    b.add_argument("--warmup", type=_positive_int, default=2)
+    b.add_argument("--device", choices=DEVICES, default="auto")
+    b.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    _add_common(b)
+    b = bsub.add_parser("infer", help="seconds per volume: plain fp32 against the tuned inference path")
+    b.add_argument("--model", type=Path, default=None, help="model folder (default: build one from --arch)")
+    b.add_argument("--arch", choices=ARCHS, default="vit_upernet")
+    b.add_argument("--backbone", default=None)
+    b.add_argument("--image", type=Path, action="append", default=None, help="real volume(s) to segment")
+    b.add_argument("--label", type=Path, default=None, help="reference label for the Dice difference")
+    b.add_argument("--size", type=_crop, default=None, help="synthetic volume size DxHxW when no --image")
+    b.add_argument("--crop", type=_crop, default=(16, 128, 128))
+    b.add_argument("--repeats", type=_positive_int, default=2)
+    b.add_argument("--device", choices=DEVICES, default="auto")
+    b.add_argument("--json", type=Path, default=None)
+    _add_common(b)
+
+    # compare -------------------------------------------------------------------------------------
+    p = sub.add_parser("compare", help="paper-style table from several model folders")
+    p.add_argument("models", type=Path, nargs="+", metavar="MODEL_DIR")
+    p.add_argument("--library", type=Path, default=None, help="evaluate the models on this library's test split")
+    p.add_argument("--split", choices=SPLITS + ("all",), default="test")
+    p.add_argument("--out", type=Path, default=None, help="folder for compare.md / compare.csv")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    _add_common(p)
+    return parser
+
+
+def _command_module_name(args: argparse.Namespace) -> str:
+    return {"cases": "cases", "bench": "bench"}.get(args.command, args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command; returns the exit status (0, 2, 3 or 130)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    events_mode = "jsonl" if _wants_jsonl(argv) else "text"
+    rank = int(os.environ.get("RANK", "0"))
+    events = EventStream(events_mode, enabled=(rank == 0))
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        events.error("USAGE", str(exc), "run 'medtuning COMMAND --help' for the options")
+        return EXIT_BAD_INPUT
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+
+    ctx = CommandContext(events=events, command=args.command)
+    ctx.cancel.install_signal_handlers()
+    try:
+        module = importlib.import_module(f"MedTuningLib.commands.{_command_module_name(args)}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("MedTuningLib.commands"):
+            events.error("NOT_IMPLEMENTED", f"'medtuning {args.command}' is not available in this build",
+                         "update MedTuning; see the README for the commands this version has")
+            return EXIT_FAILURE
+        raise
+    try:
+        outputs = module.run(args, ctx)
+        events.done("ok", outputs=outputs or {})
+        return EXIT_OK
+    except Cancelled as exc:
+        events.log(f"cancelled ({exc}); the run's state is resumable", level="warning")
+        events.done("cancelled", outputs=getattr(exc, "outputs", {}) or {})
+        return EXIT_CANCELLED
+    except MedTuningError as exc:
+        events.error(**exc.to_event())
+        return exc.exit_status
+    except KeyboardInterrupt:
+        events.done("cancelled")
+        return EXIT_CANCELLED
+    except Exception as exc:  # a bug: still an event with a code, never a bare traceback on stdout
+        traceback.print_exc(file=sys.stderr)
+        events.error("INTERNAL_ERROR", f"{type(exc).__name__}: {exc}",
+                     "this is a bug in MedTuning; please report it with the command and the log above")
+        return EXIT_FAILURE
+    finally:
+        ctx.cancel.restore_signal_handlers()
+
+
+def _wants_jsonl(argv: Sequence[str]) -> bool:
+    for i, arg in enumerate(argv):
+        if arg == "--events=jsonl" or (arg == "--events" and i + 1 < len(argv) and argv[i + 1] == "jsonl"):
+            return True
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
