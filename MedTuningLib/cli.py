@@ -99,6 +99,10 @@ def _add_model_options(p: argparse.ArgumentParser, defaults: bool = True) -> Non
     p.add_argument("--no-mix", dest="mix", action="store_false", help="ablation: drop the adapter's 1x1x1 mixing conv")
     p.add_argument("--fusion", choices=("concat", "add", "max", "none"), default="concat",
                    help="ablation: inter-stage feature fusion")
+    p.add_argument("--backbone-args", default=None,
+                   help='timm size overrides for CPU-sized models, e.g. "depth=4,embed_dim=192,num_heads=3,patch_size=8"')
+    p.add_argument("--decoder-width", type=_positive_int, default=None,
+                   help="decoder channel width (default: the paper's)")
 
 
 def build_parser() -> argparse.ArgumentParser:

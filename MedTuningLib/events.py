@@ -118,7 +118,9 @@ class EventStream:
                 line += f"\n  what to do: {r['hint']}"
         elif kind == "done":
             outputs = r.get("outputs") or {}
-            line = f"done ({r.get('status')})" + "".join(f"\n  {k}: {v}" for k, v in outputs.items())
+            # Only the paths and short values; full figures are in the jsonl stream.
+            shown = {k: v for k, v in outputs.items() if isinstance(v, (str, int, float)) and len(str(v)) < 200}
+            line = f"done ({r.get('status')})" + "".join(f"\n  {k}: {v}" for k, v in shown.items())
         else:
             line = json.dumps(r)
         stream = self.err if kind in ("error", "log") else self.out
