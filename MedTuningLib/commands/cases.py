@@ -1,0 +1,65 @@
+"""``medtuning cases add | list | remove | split``: manage a case library (see :mod:`MedTuningLib.cases`).
+
+With ``--events jsonl`` the results are the ``outputs`` of the ``done`` event and nothing else is printed
+on stdout; in text mode ``list`` prints a table (or JSON with ``--json``).
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from typing import Any
+
+from MedTuningLib.cases import Case, CaseLibrary
+
+
+def _case_summary(case: Case) -> dict[str, Any]:
+    return {"id": case.id, "split": case.split, "modalities": case.modalities,
+            "images": [str(p) for p in case.image_paths], "label": str(case.label_path),
+            "provenance": case.provenance}
+
+
+def _table(cases: list[Case]) -> str:
+    rows = [("id", "split", "modalities", "from", "added")]
+    for c in cases:
+        rows.append((c.id, c.split, ", ".join(c.modalities), str(c.provenance.get("from", "")),
+                     str(c.provenance.get("added", ""))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args: Namespace, ctx) -> dict[str, Any]:
+    library = CaseLibrary(args.library)
+    events = ctx.events
+    action = args.cases_command
+    if events.jsonl or action != "list":  # a text-mode list prints only its table
+        events.start(f"cases {action}")
+    if action == "add":
+        case = library.add(args.image, args.label, modalities=args.modality, split=args.split, case_id=args.case_id,
+                           provenance=args.provenance, source=args.source,
+                           log=lambda message: events.log(message, level="warning"))
+        events.log(f"added case {case.id!r} ({case.split}) to {library.root}")
+        return {"library": str(library.root), "case": case.id, **{k: v for k, v in _case_summary(case).items() if k != "id"}}
+    if action == "list":
+        cases = library.cases(args.split)
+        counts = {split: sum(1 for c in cases if c.split == split) for split in ("train", "val", "test")}
+        if events.jsonl:
+            return {"library": str(library.root), "count": len(cases), "splits": counts,
+                    "cases": [_case_summary(c) for c in cases]}
+        if getattr(args, "json", False):
+            print(json.dumps([_case_summary(c) for c in cases], indent=2, ensure_ascii=False))
+        elif cases:
+            print(_table(cases))
+        else:
+            print(f"no cases{' in split ' + args.split if args.split else ''} in {library.root}")
+        return {"library": str(library.root), "count": len(cases)}
+    if action == "remove":
+        case = library.remove(args.case_id)
+        events.log(f"removed case {case.id!r} and its files from {library.root}")
+        return {"library": str(library.root), "removed": case.id}
+    if action == "split":
+        case = library.set_split(args.case_id, args.split)
+        return {"library": str(library.root), "case": case.id, "split": case.split}
+    raise ValueError(f"unknown cases action {action!r}")
