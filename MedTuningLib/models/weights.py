@@ -1,0 +1,279 @@
+"""Loading pretrained base weights into a model's backbone (``--weights hub|FILE|none``).
+
+Sources: ``hub`` (the timm / Hugging Face cache, downloading only where the machine can),
+a local ``.safetensors`` file holding a timm-format state dict of the backbone (for swin_unetr:
+MONAI's ``swinViT`` weights), or ``none`` (random, recorded as not pretrained). Nothing is unpickled.
+
+Conversion, as timm's ``checkpoint_filter_fn`` does for its own models (DESIGN.md):
+ViT: class token dropped, position embedding resampled to the slice grid, patch embedding adapted
+to the input channels (and resampled to another patch size); Swin: relative-position tables resized
+to the window in use, blocks beyond the model's stage depths dropped (Swin-T -> lite: stage 3 keeps
+its first two blocks), patch embedding adapted. Only the backbone receives weights; what trains is
+left as the method set it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from MedTuningLib.errors import MedTuningError
+
+DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".pickle", ".ckpt", ".tar", ".pth.tar")
+
+
+@dataclass
+class BaseWeights:
+    """Where a model's base weights came from (recorded in the model folder)."""
+
+    id: str
+    source: str  # "hub" | "file" | "none"
+    sha256: str | None
+    pretrained: bool
+    path: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _say(progress: Callable[[str], None] | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; refuse pickles (UNSAFE_FILE) and anything else (WEIGHTS_INCOMPATIBLE)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    name = path.name.lower()
+    with open(path, "rb") as f:
+        head = f.read(8)
+    looks_pickled = head[:2] == b"PK" or head[:1] == b"\x80"
+    if name.endswith(PICKLE_SUFFIXES) or looks_pickled:
+        raise MedTuningError(
+            "UNSAFE_FILE", f"{path} is a pickle-based checkpoint; MedTuning never unpickles files",
+            "convert it once where you trust it: python -c \"import torch, safetensors.torch as s; "
+            f"sd = torch.load('{path.name}', map_location='cpu', weights_only=True); "
+            "sd = sd.get('model', sd.get('state_dict', sd)); "
+            f"s.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.stem}.safetensors')\"",
+            path=str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MedTuningError("WEIGHTS_INCOMPATIBLE", f"{path} is not a readable safetensors file ({exc})",
+                             "give a .safetensors state dict of the backbone (timm format)", path=str(path)) from exc
+
+
+def _hub_file(name: str) -> Path:
+    """The cached (or downloaded) safetensors weights of a timm model, through timm's pretrained config."""
+    from huggingface_hub import hf_hub_download
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        raise MedTuningError("WEIGHTS_DOWNLOAD_FAILED", f"timm has no Hugging Face weights for {name!r}",
+                             hint="use --weights FILE or --weights none")
+    try:
+        return Path(hf_hub_download(hub_id, filename="model.safetensors"))
+    except Exception as exc:  # offline, not cached, network error, no such file
+        raise MedTuningError("WEIGHTS_DOWNLOAD_FAILED",
+                             f"pretrained weights for {name!r} ({hub_id}) are not in the Hugging Face cache "
+                             f"and could not be downloaded ({type(exc).__name__})",
+                             hint="use --weights FILE or --weights none") from exc
+
+
+# -- conversion ------------------------------------------------------------------------------------
+def _strip_prefixes(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        out[k] = v
+    return out
+
+
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Adapt a first-conv weight ``[O, I, *k]`` to ``in_chans`` input channels (timm's rule, any ndim).
+
+    3-channel weights go through timm's ``adapt_input_conv`` (sum for 1 channel; repeat and rescale
+    by 3 / N otherwise); other source channel counts are repeated and rescaled the same way.
+    """
+    src = weight.shape[1]
+    if src == in_chans:
+        return weight
+    if weight.ndim == 4 and src == 3:
+        from timm.models import adapt_input_conv
+
+        return adapt_input_conv(in_chans, weight)
+    w = weight.float()
+    if in_chans == 1:
+        w = w.sum(dim=1, keepdim=True)
+    else:
+        reps = -(-in_chans // src)
+        w = w.repeat(1, reps, *([1] * (w.ndim - 2)))[:, :in_chans] * (src / in_chans)
+    return w.to(weight.dtype)
+
+
+def convert_vit(sd: dict[str, torch.Tensor], backbone: torch.nn.Module,
+                progress: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+    sd = _strip_prefixes(sd, ("module.", "backbone.", "encoder.backbone."))
+    out = {}
+    grid = list(backbone.patch_embed.grid_size)
+    for k, v in sd.items():
+        if k in ("cls_token", "reg_token", "dist_token") or k.startswith(("head.", "fc_norm.", "pre_logits.")):
+            continue  # no class token in the slice encoder; no classifier
+        if k == "pos_embed":
+            n = v.shape[1]
+            prefix = n - int(round((n ** 0.5))) ** 2 if int(n ** 0.5) ** 2 != n else 0
+            if prefix:  # drop the class token's position
+                v = v[:, prefix:]
+            old = int(round(v.shape[1] ** 0.5))
+            if [old, old] != grid:
+                _say(progress, f"position embedding resized from {old}x{old} to {grid[0]}x{grid[1]}")
+            v = resample_abs_pos_embed(v, new_size=grid, old_size=[old, old], num_prefix_tokens=0)
+        elif k == "patch_embed.proj.weight":
+            target = backbone.patch_embed.proj.weight
+            if v.shape[1] != target.shape[1]:
+                _say(progress, f"patch embedding adapted from {v.shape[1]} to {target.shape[1]} input channels")
+                v = adapt_input_channels(v, target.shape[1])
+            if tuple(v.shape[-2:]) != tuple(target.shape[-2:]):
+                _say(progress, f"patch embedding resampled from {tuple(v.shape[-2:])} to {tuple(target.shape[-2:])}")
+                v = resample_patch_embed(v, list(target.shape[-2:]))
+        elif (m := re.match(r"blocks\.(\d+)\.", k)) and int(m.group(1)) >= len(backbone.blocks):
+            continue  # a deeper checkpoint than the model: keep the first blocks
+        out[k] = v
+    return out
+
+
+def convert_swin(sd: dict[str, torch.Tensor], backbone: torch.nn.Module,
+                 progress: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    from timm.layers import resample_patch_embed, resize_rel_pos_bias_table
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    sd = _strip_prefixes(sd, ("module.", "backbone.", "encoder.backbone."))
+    # Blocks beyond the model's stage depths are dropped first (Swin-T 2,2,6,2 -> lite 2,2,2,2).
+    depths = [len(stage.blocks) for stage in backbone.layers]
+    trimmed = {}
+    dropped = 0
+    for k, v in sd.items():
+        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k)
+        if m and (int(m.group(1)) >= len(depths) or int(m.group(2)) >= depths[int(m.group(1))]):
+            dropped += 1
+            continue
+        if k.startswith("head."):
+            continue
+        trimmed[k] = v
+    if dropped:
+        _say(progress, f"dropped {dropped} tensors of blocks beyond the stage depths {depths}")
+    target = backbone.patch_embed.proj.weight
+    pe = trimmed.get("patch_embed.proj.weight")
+    if pe is not None and pe.shape[1] != target.shape[1]:
+        _say(progress, f"patch embedding adapted from {pe.shape[1]} to {target.shape[1]} input channels")
+        trimmed["patch_embed.proj.weight"] = adapt_input_channels(pe, target.shape[1])
+    out = {}
+    resized = 0
+    for k, v in trimmed.items():
+        if k.endswith("relative_position_bias_table"):
+            attn = backbone.get_submodule(k[: -len(".relative_position_bias_table")])
+            if v.shape != attn.relative_position_bias_table.shape:
+                resized += 1
+                v = resize_rel_pos_bias_table(v, new_window_size=attn.window_size,
+                                              new_bias_shape=attn.relative_position_bias_table.shape)
+            out[k] = v
+        elif k == "patch_embed.proj.weight" and tuple(v.shape[-2:]) != tuple(target.shape[-2:]):
+            out[k] = resample_patch_embed(v, list(target.shape[-2:]))
+        else:
+            out[k] = v
+    if resized:
+        _say(progress, f"resized {resized} relative-position tables to the windows in use")
+    # timm's own filter converts original (Microsoft) layouts; timm-format tensors pass through it as they are.
+    return checkpoint_filter_fn(out, backbone)
+
+
+def convert_swin_unetr(sd: dict[str, torch.Tensor], backbone: torch.nn.Module,
+                       progress: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    sd = _strip_prefixes(sd, ("module.swinViT.", "swinViT.", "module.", "encoder.backbone."))
+    out = {k: v for k, v in sd.items() if not k.endswith(DERIVED_BUFFERS)}
+    target = backbone.patch_embed.proj.weight
+    pe = out.get("patch_embed.proj.weight")
+    if pe is not None and pe.shape[1] != target.shape[1]:
+        _say(progress, f"patch embedding adapted from {pe.shape[1]} to {target.shape[1]} input channels")
+        out["patch_embed.proj.weight"] = adapt_input_channels(pe, target.shape[1])
+    return out
+
+
+CONVERTERS = {"vit": convert_vit, "swin": convert_swin, "swin_unetr": convert_swin_unetr}
+
+
+def _load_into_backbone(backbone: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> int:
+    own = backbone.state_dict()
+    # Index buffers follow from the model's own window sizes: always the model's, never the file's.
+    sd = {**sd, **{k: v for k, v in own.items() if k.endswith(DERIVED_BUFFERS)}}
+    missing = sorted(k for k in own if k not in sd)
+    wrong = sorted(k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape))
+    if missing or wrong:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} backbone tensors missing (e.g. {', '.join(missing[:3])})")
+        if wrong:
+            details.append("wrong shapes: " + ", ".join(
+                f"{k} {list(sd[k].shape)} vs {list(own[k].shape)}" for k in wrong[:3]))
+        raise MedTuningError("WEIGHTS_INCOMPATIBLE", f"{source} does not fit this backbone: " + "; ".join(details),
+                             "give weights of the same backbone family and size (timm-format state dict), "
+                             "or --weights none")
+    with torch.no_grad():
+        backbone.load_state_dict({k: sd[k] for k in own}, strict=True)
+    return len(own)
+
+
+def load_base_weights(model: torch.nn.Module, weights: str,
+                      progress: Callable[[str], None] | None = None) -> BaseWeights:
+    """Fill ``model``'s backbone from ``weights`` ("hub", a .safetensors path, or "none").
+
+    ``progress`` (optional) receives short human-readable notes on what was converted.
+    """
+    cfg = model.config
+    family = model.encoder.family
+    if weights is None or str(weights).lower() == "none":
+        return BaseWeights(id="none", source="none", sha256=None, pretrained=False)
+    if cfg.method == "scratch":
+        _say(progress, "method scratch trains from random initialisation: base weights are not loaded")
+        return BaseWeights(id="none", source="none", sha256=None, pretrained=False)
+    if str(weights).lower() == "hub":
+        if family == "swin_unetr":
+            raise MedTuningError("WEIGHTS_DOWNLOAD_FAILED", "swin_unetr has no hub weights in MedTuning",
+                                 hint="use --weights FILE (MONAI swinViT weights as .safetensors) or --weights none")
+        name = cfg.backbone_name
+        path = _hub_file(name)
+        source, ident = "hub", name
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise MedTuningError("WEIGHTS_NOT_FOUND", f"base-weights file {path} does not exist",
+                                 "check the path, or use --weights hub / --weights none", path=str(path))
+        source, ident = "file", path.name
+    sd = read_safetensors(path)
+    converted = CONVERTERS[family](sd, model.encoder.backbone, progress)
+    count = _load_into_backbone(model.encoder.backbone, converted, str(path))
+    _say(progress, f"loaded {count} backbone tensors from {path}")
+    return BaseWeights(id=ident, source=source, sha256=sha256_file(path), pretrained=True, path=str(path))
