@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/medtuning demo --out demo-output
+	$(VENV)/bin/medtuning demo --out demo-output --force
 
 test: $(STAMP)
 	$(PY) -m pytest Testing -q

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='custom label mapping for unnamed labelmaps, e.g. "Kidney=2,3;Spleen=1"')
     p.add_argument("--source-labels", choices=SOURCE_LABELS, default="brats2015",
                    help="label convention of the BraTS source files (brats task)")
+    p.add_argument("--segments", default=None,
+                   help='custom task: train only these segments of the .seg.nrrd labels, e.g. "right lung,left lung"')
     _add_model_options(p)
     p.add_argument("--weights", default="hub",
                    help="base weights: hub (Hugging Face cache or download), a local FILE, or none (random, "

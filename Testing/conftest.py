@@ -16,6 +16,16 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # Tests never reach the internet: make any hub access fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models on a 2-core machine: one thread each (several OpenMP threads per process oversubscribe the
+# cores when tests start backend processes, and spin-waiting then makes small steps ~100x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).parent))  # engine_helpers and friends
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def run_cli(argv: list[str]) -> tuple[int, list[dict]]:

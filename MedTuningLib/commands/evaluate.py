@@ -1,0 +1,25 @@
+"""``medtuning evaluate``: Dice and HD95 of a model folder on a case library split."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def run(args, ctx) -> dict:
+    from MedTuningLib.engine.device import resolve_device
+    from MedTuningLib.engine.evaluate import evaluate_model, markdown_report
+
+    device = resolve_device(args.device)
+    ctx.events.start("evaluate", device=str(device))
+    if os.environ.get("MEDTUNING_WORKDIR"):
+        ctx.cancel.watch_dir = Path(os.environ["MEDTUNING_WORKDIR"])
+    report = evaluate_model(args.model, args.library, split=args.split, device=args.device, events=ctx.events,
+                            tta=args.tta, overlap=args.overlap, report_dir=args.report, weights=args.weights,
+                            precision=args.precision, cancel=ctx.cancel)
+    if not ctx.events.jsonl:
+        ctx.events.out.write(markdown_report(report))
+    outputs = {"summary": {k: v["mean"] for k, v in report["summary"].items()}}
+    if args.report is not None:
+        outputs["report"] = str(Path(args.report) / "report.json")
+    return outputs

@@ -1,0 +1,116 @@
+"""Inference: sliding-window prediction over whole volumes and writing results.
+
+MONAI's ``sliding_window_inference`` does the windowing (training crop size, overlap, Gaussian
+blending); optional flip test-time augmentation averages the softmax over mirrored inputs. Results
+stay on the input's voxel grid (the engine never resamples the scan), so the written
+``.seg.nrrd`` has the input volume's geometry exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from MedTuningLib.engine.device import autocast
+from MedTuningLib.errors import MedTuningError
+
+# The flips of (D, H, W) used by test-time augmentation: every combination of the three axes.
+TTA_FLIPS: list[tuple[int, ...]] = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
+
+
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Sequence[int], device: torch.device,
+                          dtype: torch.dtype | None = None, overlap: float = 0.5, tta: bool = False,
+                          sw_batch_size: int = 1, on_window: Callable[[], None] | None = None) -> torch.Tensor:
+    """Softmax probabilities ``[K, D, H, W]`` (float32, CPU) for one normalised volume ``[C, D, H, W]``."""
+    from monai.inferers import sliding_window_inference
+
+    model.eval()
+    inputs = image.unsqueeze(0).to(device=device, dtype=torch.float32)
+
+    def window_probs(x: torch.Tensor) -> torch.Tensor:
+        if on_window is not None:
+            on_window()  # lets a caller cancel between windows
+        with autocast(device, dtype):
+            logits = model(x)
+        return torch.softmax(logits.float(), dim=1)
+
+    flips = TTA_FLIPS if tta else [()]
+    total = None
+    for axes in flips:
+        flipped = torch.flip(inputs, axes) if axes else inputs
+        probs = sliding_window_inference(flipped, roi_size=list(crop), sw_batch_size=sw_batch_size,
+                                         predictor=window_probs, overlap=overlap, mode="gaussian")
+        probs = torch.flip(probs, axes) if axes else probs
+        total = probs if total is None else total + probs
+    return (total / len(flips))[0].float().cpu()
+
+
+def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Drop connected components (26-connectivity) smaller than ``min_voxels``."""
+    if min_voxels <= 0 or not mask.any():
+        return mask
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
+def class_masks(scheme, class_map: np.ndarray) -> dict[str, np.ndarray]:
+    """One boolean mask per training class (background excluded), by class name."""
+    return {cls.name: class_map == index for index, cls in enumerate(scheme.classes, start=1)}
+
+
+def segment_masks(scheme, class_map: np.ndarray, min_component: int = 0) -> dict[str, np.ndarray]:
+    """The masks to write as segments, in the scheme's segment order.
+
+    Schemes that write regions (BraTS ET / TC / WT) give overlapping masks; class schemes give
+    disjoint ones.
+    """
+    masks = scheme.region_masks(class_map) if scheme.write == "regions" else class_masks(scheme, class_map)
+    ordered = {}
+    for segment in scheme.segments:
+        mask = masks[segment.name]
+        ordered[segment.name] = remove_small_components(mask, min_component)
+    return ordered
+
+
+@dataclass
+class SegmentResult:
+    class_map: np.ndarray
+    masks: dict[str, np.ndarray]
+    reference: object  # SimpleITK image whose grid the result is on
+    seconds: float
+
+
+def segment_images(loaded, image_paths: Sequence[Path], device: torch.device, dtype: torch.dtype | None,
+                   overlap: float = 0.5, tta: bool = False, min_component: int = 0,
+                   log: Callable[[str], None] | None = None, on_window: Callable[[], None] | None = None
+                   ) -> SegmentResult:
+    """Read, normalise and segment one case with a loaded model folder."""
+    import time
+
+    from MedTuningLib.data.io import read_case_images
+    from MedTuningLib.data.preprocess import normalize_intensity
+
+    t0 = time.monotonic()
+    if len(image_paths) != len(loaded.modalities):
+        raise MedTuningError("MODALITY_COUNT_MISMATCH",
+                             f"the model expects {len(loaded.modalities)} image(s) ({', '.join(loaded.modalities)}) "
+                             f"but {len(image_paths)} were given",
+                             "pass one --image per modality, in this order: " + ", ".join(loaded.modalities))
+    array, reference = read_case_images([Path(p) for p in image_paths], log=log)
+    array = normalize_intensity(array, loaded.preprocessing)
+    probs = predict_probabilities(loaded.model, torch.from_numpy(np.ascontiguousarray(array)), loaded.crop, device,
+                                  dtype, overlap=overlap, tta=tta, on_window=on_window)
+    class_map = probs.argmax(0).numpy().astype(np.uint8)
+    masks = segment_masks(loaded.scheme, class_map, min_component)
+    return SegmentResult(class_map=class_map, masks=masks, reference=reference, seconds=time.monotonic() - t0)

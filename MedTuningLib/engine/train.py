@@ -1,0 +1,722 @@
+"""The training run behind ``medtuning train``.
+
+A run works in ``OUT.partial/`` (resume state, curves, the ``STOP`` file) and renames it to ``OUT``
+only when complete, so a folder named ``OUT`` is always a finished model. The resume state is
+written at the end of every epoch (safetensors + JSON, never pickle). Every epoch reseeds all
+random generators from ``(seed, epoch, rank)``, so a run resumed after a kill continues exactly as
+the uninterrupted run would have.
+
+Under ``torchrun`` the run is data-parallel (gloo on CPU, NCCL on GPU): every rank draws its own
+crops, gradients are averaged by DistributedDataParallel, and rank 0 validates and writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from MedTuningLib.cancel import CancelToken
+from MedTuningLib.engine.device import autocast, peak_memory_mb, resolve_device, resolve_precision
+from MedTuningLib.engine.modelfolder import (load_model_folder, load_safetensors, now_iso, save_safetensors,
+                                             weights_to_store, write_model_folder)
+from MedTuningLib.errors import Cancelled, MedTuningError
+from MedTuningLib.events import EventStream
+from MedTuningLib.fileio import FileLock, ensure_writable_dir, publish_dir, read_json, write_json_atomic
+
+STATE_JSON = "state.json"
+BEST_WEIGHTS = "best.safetensors"
+
+
+@dataclass
+class TrainOptions:
+    """Everything that defines a training run (the parsed ``medtuning train`` options)."""
+
+    library: Path
+    out: Path
+    task: str = "custom"
+    labels: str | None = None
+    source_labels: str = "brats2015"
+    arch: str = "vit_upernet"
+    backbone: str | None = None
+    backbone_kwargs: dict = field(default_factory=dict)
+    decoder_width: int | None = None
+    method: str = "med_tuning"
+    adapter: dict = field(default_factory=dict)
+    weights: str = "hub"
+    crop: tuple[int, int, int] = (16, 128, 128)
+    batch: int = 2
+    accumulate: int = 1
+    epochs: int = 50
+    steps_per_epoch: int | None = None
+    minutes: float | None = None
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    warmup_epochs: int | None = None
+    loss: str = "dice_ce"
+    precision: str = "auto"
+    checkpointing: str = "auto"
+    val_every: int = 1
+    val_split: str = "val"
+    device: str = "auto"
+    seed: int = 0
+    init_from: Path | None = None
+    resume: bool = False
+    force: bool = False
+    # Cases to train on when not the whole split (the demo's held-out slab): ids in the library.
+    train_case_ids: list[str] | None = None
+    val_case_ids: list[str] | None = None
+    # A subset of segment names to train (custom task from .seg.nrrd files), e.g. the two lungs.
+    segments: list[str] | None = None
+
+    @classmethod
+    def from_args(cls, args: Any) -> "TrainOptions":
+        adapter = {"alpha": args.alpha, "local_branch": args.local_branch, "global_branch": args.global_branch,
+                   "mix": args.mix, "fusion": args.fusion}
+        return cls(library=args.library, out=args.out, task=args.task, labels=args.labels,
+                   source_labels=args.source_labels, arch=args.arch, backbone=args.backbone,
+                   backbone_kwargs=parse_backbone_args(getattr(args, "backbone_args", None)),
+                   decoder_width=getattr(args, "decoder_width", None), method=args.method, adapter=adapter,
+                   weights=args.weights, crop=tuple(args.crop), batch=args.batch, accumulate=args.accumulate,
+                   epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, minutes=args.minutes, lr=args.lr,
+                   weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, loss=args.loss,
+                   precision=args.precision, checkpointing=args.checkpointing, val_every=args.val_every,
+                   val_split=args.val_split, device=args.device, seed=args.seed, init_from=args.init_from,
+                   resume=args.resume, force=args.force,
+                   segments=[n.strip() for n in args.segments.split(",") if n.strip()] if args.segments else None)
+
+    def fingerprint(self) -> dict:
+        """The settings a resumed run must share with the interrupted one."""
+        keep = ("task", "labels", "source_labels", "arch", "backbone", "backbone_kwargs", "decoder_width", "method",
+                "adapter", "weights", "crop", "batch", "accumulate", "epochs", "steps_per_epoch", "lr",
+                "weight_decay", "warmup_epochs", "loss", "seed", "train_case_ids", "val_case_ids", "segments")
+        data = asdict(self)
+        result = {k: data[k] for k in keep}
+        result["crop"] = list(self.crop)
+        result["init_from"] = str(self.init_from) if self.init_from else None
+        return result
+
+
+def parse_backbone_args(text: str | None) -> dict:
+    """``"depth=4,embed_dim=96,num_heads=3,patch_size=8"`` -> kwargs for timm.create_model."""
+    if not text:
+        return {}
+    result: dict = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MedTuningError("INVALID_OPTION", f"--backbone-args item {item!r} is not KEY=VALUE",
+                                 'write e.g. --backbone-args "depth=4,embed_dim=192,num_heads=3"')
+        value = value.strip()
+        try:
+            parsed: Any = int(value)
+        except ValueError:
+            try:
+                parsed = float(value)
+            except ValueError:
+                parsed = {"true": True, "false": False}.get(value.lower(), value)
+        result[key.strip()] = parsed
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# distributed helpers
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        return cls(rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)),
+                   local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+    def setup(self, device: torch.device) -> None:
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        try:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        except Exception as exc:  # noqa: BLE001 - any rendezvous failure is reported the same way
+            raise MedTuningError("DISTRIBUTED_ERROR", f"could not join the torchrun group: {exc}",
+                                 "start with 'torchrun --nproc_per_node N -m MedTuningLib train ...' "
+                                 "and check MASTER_ADDR / MASTER_PORT") from exc
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (stop decisions must agree)."""
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def teardown(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> int:
+    """Reseed Python, NumPy and torch from (seed, epoch, rank); returns the derived seed."""
+    derived = (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**31 - 1)
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)
+    return derived
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+
+def make_scheme(opts: TrainOptions, label_paths: list[Path]):
+    from MedTuningLib.data.labels import scheme_from_segmentations, scheme_for_task
+
+    if opts.task == "custom" and not opts.labels:
+        segs = [p for p in label_paths if p.name.lower().endswith(".seg.nrrd")]
+        if len(segs) != len(label_paths):
+            raise MedTuningError("LABEL_SPEC_INVALID",
+                                 "a custom task needs segment names: some labels are plain labelmaps",
+                                 'name the labels with --labels "Name=1;Other=2,3", or add the cases as .seg.nrrd')
+        return scheme_from_segmentations(segs, names=opts.segments)
+    return scheme_for_task(opts.task, labels=opts.labels, source=opts.source_labels)
+
+
+def is_lateral(scheme) -> bool:
+    """True when classes differ only by side (right / left lung, kidney): then no left-right flips."""
+    for segment in scheme.segments:
+        words = segment.name.lower().replace("_", " ").split()
+        modifier = (segment.terminology or {}).get("typeModifier") or []
+        if "right" in words or "left" in words or any(str(m).lower() in ("right", "left") for m in modifier):
+            return True
+    return False
+
+
+def read_raw_case(case, scheme, cache=None, allow_empty: bool = False,
+                  log: Callable[[str], None] | None = None) -> dict:
+    """A library case as arrays: image ``[C, D, H, W]`` (not yet normalised), label ``[D, H, W]`` class indices.
+
+    Decoding (gzip NIfTI, .seg.nrrd layers) is what costs; the cache keeps the decoded arrays between
+    runs (re-tuning on the same library, resume, evaluation).
+    """
+    from MedTuningLib.data.io import read_case_images, read_label
+
+    def build():
+        image, reference = read_case_images(case.image_paths, log=log)
+        label = read_label(case.label_path, reference, scheme, allow_empty=allow_empty, log=log)
+        spacing = [float(s) for s in reversed(reference.GetSpacing())]  # (z, y, x)
+        return image.astype(np.float32), label.astype(np.uint8), {"spacing": spacing}
+
+    if cache is None:
+        image, label, meta = build()
+    else:
+        image, label, meta = cache.get_or_compute(case.image_paths, case.label_path, None, scheme, build)
+    return {"id": case.id, "image": image, "label": label, "spacing": tuple(meta["spacing"])}
+
+
+def normalise_cases(raw: list[dict], preprocessing) -> list[dict]:
+    from MedTuningLib.data.preprocess import normalize_intensity
+
+    return [{"id": c["id"], "image": normalize_intensity(c["image"], preprocessing), "label": c["label"][None],
+             "spacing": c["spacing"]} for c in raw]
+
+
+class CropSampler:
+    """Draws training batches of random crops (MONAI transforms) from cases held in memory."""
+
+    def __init__(self, cases: list[dict], crop: tuple[int, int, int], num_classes: int, flips: bool = True) -> None:
+        from MedTuningLib.data.transforms import training_transforms
+
+        self.cases = cases
+        self.transforms = training_transforms(crop, num_classes=num_classes, flip_prob=0.5 if flips else 0.0)
+        self.rng = np.random.default_rng(0)
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.transforms.set_random_state(seed=seed % (2**32))
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = [], []
+        for _ in range(size):
+            case = self.cases[int(self.rng.integers(len(self.cases)))]
+            sample = self.transforms({"image": case["image"], "label": case["label"]})
+            if isinstance(sample, list):  # crop transforms with num_samples return a list
+                sample = sample[0]
+            images.append(torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32))
+            labels.append(torch.as_tensor(np.asarray(sample["label"])).long())
+        return torch.stack(images), torch.stack(labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero (per optimiser step)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{index}/{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if not name.startswith("optimizer/"):
+            continue
+        _, index, key = name.split("/", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    groups = meta["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+class TrainingRun:
+    """One ``medtuning train`` run; :meth:`run` returns the outputs for the ``done`` event."""
+
+    def __init__(self, opts: TrainOptions, events: EventStream, cancel: CancelToken | None = None,
+                 command: str = "train") -> None:
+        self.opts = opts
+        self.events = events
+        self.cancel = cancel or CancelToken()
+        self.command = command
+        self.dist = Distributed.from_env()
+        self.out = Path(opts.out).absolute()
+        self.work = self.out.with_name(self.out.name + ".partial")
+        self.curves = None
+
+    # -- preparation --------------------------------------------------------------------------------
+    def _check_output(self) -> None:
+        if self.out.exists() and not self.opts.force:
+            raise MedTuningError("OUTPUT_EXISTS", f"model folder {self.out} already exists",
+                                 "choose another --out, or pass --force to replace it once the new model is complete")
+        if self.work.exists() and not self.opts.resume:
+            if (self.work / STATE_JSON).exists():
+                raise MedTuningError("OUTPUT_EXISTS", f"an interrupted run of this model is in {self.work}",
+                                     "add --resume to continue it, or remove that folder to start again")
+        if self.opts.resume and not (self.work / STATE_JSON).exists():
+            raise MedTuningError("RESUME_STATE_MISSING", f"--resume: no resumable run in {self.work}",
+                                 "start without --resume")
+
+    def _select_cases(self, library) -> tuple[list, list, str]:
+        opts = self.opts
+        if opts.train_case_ids is not None:
+            train = [library.get(i) for i in opts.train_case_ids]
+        else:
+            train = library.cases("train")
+        if not train:
+            raise MedTuningError("NO_TRAINING_CASES", f"the case library {opts.library} has no training cases",
+                                 "add cases with 'medtuning cases add --library ... --split train'")
+        if opts.val_case_ids is not None:
+            val = [library.get(i) for i in opts.val_case_ids]
+        else:
+            val = library.cases(opts.val_split) if opts.val_split != "train" else []
+        protocol = f"validation on the '{opts.val_split}' split"
+        if not val:
+            val = list(train)
+            protocol = "validation on the training cases (no validation cases in the library: self-fit)"
+        modalities = train[0].modalities
+        for case in train + val:
+            if list(case.modalities) != list(modalities):
+                raise MedTuningError("MODALITY_COUNT_MISMATCH",
+                                     f"case {case.id} has modalities {case.modalities}, case {train[0].id} has "
+                                     f"{modalities}", "train on cases that share the same modalities in the same order")
+        return train, val, protocol
+
+    def _build_model(self, in_channels: int, num_classes: int):
+        from MedTuningLib.models import AdapterConfig, ModelConfig, build_model, load_base_weights
+
+        opts = self.opts
+        if opts.init_from is not None:
+            loaded = load_model_folder(opts.init_from, "cpu")
+            cfg = loaded.model.config
+            if cfg.num_classes != num_classes or cfg.in_channels != in_channels:
+                raise MedTuningError("INVALID_OPTION",
+                                     f"--init-from {opts.init_from} has {cfg.in_channels} channel(s) and "
+                                     f"{cfg.num_classes} classes; these cases need {in_channels} and {num_classes}",
+                                     "warm-start only from a model trained on the same modalities and labels")
+            self.events.log(f"warm start from {opts.init_from}")
+            return loaded.model, dict(loaded.manifest["base_weights"])
+        d, h, w = opts.crop
+        if h != w:
+            raise MedTuningError("INVALID_OPTION", f"--crop {d}x{h}x{w}: slices must be square (H = W)",
+                                 "use e.g. --crop 16x128x128")
+        cfg = ModelConfig(arch=opts.arch, backbone=opts.backbone, in_channels=in_channels, num_classes=num_classes,
+                          img_size=h, depth=d, method=opts.method, adapter=AdapterConfig(**opts.adapter),
+                          backbone_kwargs=dict(opts.backbone_kwargs), decoder_width=opts.decoder_width)
+        model = build_model(cfg)
+        base = load_base_weights(model, opts.weights)
+        if not base.pretrained:
+            self.events.log("base weights: none (random initialisation, not pretrained)", level="warning")
+        else:
+            self.events.log(f"base weights: {base.id} ({base.source}, sha256 {str(base.sha256)[:12]}…)")
+        return model, base.to_dict()
+
+    # -- state ----------------------------------------------------------------------------------------
+    def _save_state(self, model, optimizer, state: dict) -> None:
+        tensors = {f"model/{k}": v for k, v in self.stored_tensors(model).items()}
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(opt_tensors)
+        name = f"state-e{state['epoch']:04d}.safetensors"
+        save_safetensors(self.work / name, tensors)
+        previous = None
+        if (self.work / STATE_JSON).exists():
+            previous = read_json(self.work / STATE_JSON, "RESUME_MISMATCH", "resume state").get("tensors")
+        write_json_atomic(self.work / STATE_JSON, {**state, "tensors": name, "optimizer": opt_meta}, "model folder")
+        if previous and previous != name:
+            (self.work / previous).unlink(missing_ok=True)
+
+    def stored_tensors(self, model) -> dict[str, torch.Tensor]:
+        return weights_to_store(model, self.base["pretrained"])[1]
+
+    def _load_stored(self, model, tensors: dict[str, torch.Tensor]) -> None:
+        if self.base["pretrained"]:
+            model.load_tuned_state_dict(tensors)
+        else:
+            model.load_state_dict(tensors)
+
+    # -- main -----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from MedTuningLib.cases import CaseLibrary
+        from MedTuningLib.data.cache import CaseCache
+        from MedTuningLib.data.preprocess import Preprocessing
+
+        opts = self.opts
+        device = resolve_device(opts.device, self.dist.local_rank)
+        self.events.start(self.command, device=str(device), world_size=self.dist.world)
+        if self.dist.main:
+            self._check_output()
+        self.dist.setup(device)
+        lock = None
+        try:
+            if self.dist.main:
+                ensure_writable_dir(self.out.parent, "output")
+                ensure_writable_dir(self.work, "model")
+                lock = FileLock(self.work / ".lock", "OUTPUT_LOCKED", "model folder").acquire()
+            self.cancel.watch_dir = self.work
+            return self._run(device, CaseLibrary, CaseCache, Preprocessing)
+        finally:
+            if lock is not None:
+                lock.release()
+            self.dist.teardown()
+
+    def _run(self, device, CaseLibrary, CaseCache, Preprocessing) -> dict:
+        opts, events = self.opts, self.events
+        t_start = time.monotonic()
+        library = CaseLibrary(opts.library)
+        train_cases, val_cases, protocol = self._select_cases(library)
+        scheme = make_scheme(opts, [c.label_path for c in train_cases + val_cases])
+        modalities = list(train_cases[0].modalities)
+        from MedTuningLib.paths import medtuning_home
+
+        cache = CaseCache(medtuning_home() / "cache") if self.dist.main else None
+        total_cases = len(train_cases) + len(val_cases)
+        events.progress("prepare", 0, total_cases)
+        raw_train, raw_val = [], []
+        for i, case in enumerate(train_cases + val_cases):
+            self.cancel.check()
+            is_val = i >= len(train_cases)
+            (raw_val if is_val else raw_train).append(
+                read_raw_case(case, scheme, cache, allow_empty=is_val, log=events.log))
+            events.progress("prepare", i + 1, total_cases)
+        # CT window and statistics come from the training cases only, then are fixed in the model folder.
+        preprocessing = Preprocessing.infer(modalities, [raw_train[0]["image"]])
+        preprocessing.fit([(c["image"], c["label"]) for c in raw_train])
+        train_data, val_data = normalise_cases(raw_train, preprocessing), normalise_cases(raw_val, preprocessing)
+        del raw_train, raw_val
+
+        seed_everything(opts.seed, 0, 0)  # identical initial weights on every rank
+        model, self.base = self._build_model(len(modalities), scheme.num_classes)
+        if opts.init_from is not None:
+            # The warm-started model keeps its own architecture, hence its crop.
+            cfg = model.config
+            crop = (cfg.depth, cfg.img_size, cfg.img_size)
+        else:
+            crop = tuple(opts.crop)
+        dtype = resolve_precision(opts.precision, device)
+        checkpointing = opts.checkpointing == "on" or (opts.checkpointing == "auto" and device.type == "cuda")
+        model.set_activation_checkpointing(checkpointing)
+        model.to(device)
+        tuned = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(tuned, lr=opts.lr, weight_decay=opts.weight_decay, amsgrad=True)
+        report = model.param_report()
+        events.log(f"{opts.method}: {report['tuned']:,} tuned of {report['full']:,} parameters "
+                   f"({report['inserted']:,} inserted); precision {dtype or 'fp32'}, "
+                   f"checkpointing {'on' if checkpointing else 'off'}")
+
+        flips = not is_lateral(scheme)
+        if not flips:
+            events.log("left/right segments: random flips are off so that sides stay distinguishable")
+        sampler = CropSampler(train_data, crop, scheme.num_classes, flips=flips)
+        steps_per_epoch = opts.steps_per_epoch or max(1, math.ceil(len(train_data) * 2 / (opts.batch * self.dist.world)))
+        loss_fn = make_loss(opts.loss)
+
+        # Resume ---------------------------------------------------------------------------------------
+        start_epoch, total_epochs, elapsed_before = 0, opts.epochs, 0.0
+        best = {"score": -1.0, "epoch": 0, "metrics": {}}
+        from MedTuningLib.reports.curves import TrainingCurves
+
+        if opts.resume:
+            state = read_json(self.work / STATE_JSON, "RESUME_MISMATCH", "resume state")
+            if state.get("fingerprint") != opts.fingerprint():
+                changed = sorted(k for k, v in opts.fingerprint().items() if state.get("fingerprint", {}).get(k) != v)
+                raise MedTuningError("RESUME_MISMATCH", f"the interrupted run used other settings ({', '.join(changed)})",
+                                     "resume with the same options, or remove the .partial folder to start again")
+            tensors = load_safetensors(self.work / state["tensors"], "resume state")
+            self._load_stored(model, {k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model/")})
+            optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+            start_epoch, total_epochs = state["epoch"], state["total_epochs"]
+            elapsed_before, best = state["elapsed_s"], state["best"]
+            self.curves = TrainingCurves.load(self.work, last_epoch=start_epoch)
+            events.log(f"resuming after epoch {start_epoch} of {total_epochs}")
+        else:
+            self.curves = TrainingCurves(self.work)
+
+        train_model = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        def state_dict_for(epoch: int) -> dict:
+            return {"epoch": epoch, "total_epochs": total_epochs, "elapsed_s": elapsed_before + time.monotonic() - t_start,
+                    "best": best, "fingerprint": opts.fingerprint(), "crop": list(crop), "saved": now_iso()}
+
+        if self.dist.main and not opts.resume:
+            self._save_state(model, optimizer, state_dict_for(0))
+
+        warmup_epochs = opts.warmup_epochs if opts.warmup_epochs is not None else min(5, max(0, total_epochs // 10))
+        epoch = start_epoch
+        loss_value = float("nan")
+        try:
+            while epoch < total_epochs:
+                epoch += 1
+                t_epoch = time.monotonic()
+                derived = seed_everything(opts.seed, epoch, self.dist.rank)
+                sampler.reseed(derived)
+                train_model.train()
+                losses = []
+                for step in range(steps_per_epoch):
+                    if self.dist.any(self.cancel.requested):
+                        raise Cancelled(self.cancel.reason or "cancel requested on another rank")
+                    global_step = (epoch - 1) * steps_per_epoch + step
+                    total_steps = total_epochs * steps_per_epoch
+                    lr = opts.lr * lr_factor(global_step, total_steps, warmup_epochs * steps_per_epoch)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    loss_value = self._train_step(train_model, optimizer, sampler, loss_fn, device, dtype)
+                    losses.append(loss_value)
+                    done_steps = global_step + 1 - start_epoch * steps_per_epoch
+                    rate = (time.monotonic() - t_start) / max(1, done_steps)
+                    events.progress("train", global_step + 1, total_steps, epoch=epoch, epochs=total_epochs,
+                                    eta_s=round(rate * (total_steps - global_step - 1), 1), loss=loss_value)
+                mean_loss = float(np.mean(losses))
+                self._metric("train", epoch, "loss", mean_loss)
+                self._metric("train", epoch, "lr", lr)
+
+                if self.dist.main and (epoch % opts.val_every == 0 or epoch == total_epochs):
+                    metrics = self._validate(model, val_data, scheme, crop, device, dtype)
+                    score = metrics.get("dice/mean", 0.0)
+                    for name, value in metrics.items():
+                        self._metric("validate", epoch, name, value)
+                    if score > best["score"]:
+                        best = {"score": score, "epoch": epoch, "metrics": metrics}
+                        save_safetensors(self.work / BEST_WEIGHTS, self.stored_tensors(model))
+                    events.checkpoint(str(self.work / BEST_WEIGHTS), epoch, best=best["epoch"] == epoch,
+                                      dice=score)
+                epoch_seconds = time.monotonic() - t_epoch
+                if opts.minutes is not None and epoch == start_epoch + 1 and not opts.resume:
+                    budget = opts.minutes * 60 - (time.monotonic() - t_start - epoch_seconds)
+                    affordable = max(epoch, int(budget // max(epoch_seconds, 1e-6)))
+                    if affordable < total_epochs:
+                        total_epochs = affordable
+                        events.log(f"time budget {opts.minutes} min: planning {total_epochs} epochs "
+                                   f"({epoch_seconds:.1f} s each)")
+                if self.dist.main:
+                    self.curves.write()
+                    self._save_state(model, optimizer, state_dict_for(epoch))
+                self.dist.barrier()
+                over_budget = opts.minutes is not None and (
+                    elapsed_before + time.monotonic() - t_start + epoch_seconds > opts.minutes * 60)
+                if self.dist.any(over_budget) and epoch < total_epochs:
+                    events.log(f"time budget of {opts.minutes} min reached after epoch {epoch}")
+                    total_epochs = epoch
+        except Cancelled as exc:
+            exc.outputs = {"partial": str(self.work)}  # type: ignore[attr-defined]
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            raise MedTuningError("OUT_OF_MEMORY", f"the GPU ran out of memory at crop {crop} and batch {opts.batch}",
+                                 "use a smaller --batch or --crop, or --checkpointing on; the run is resumable "
+                                 "with --resume after that") from exc
+
+        if not self.dist.main:
+            return {}
+        return self._finish(model, scheme, preprocessing, modalities, crop, train_cases, val_cases, protocol, best,
+                            report, epoch, elapsed_before + time.monotonic() - t_start, device, dtype, checkpointing)
+
+    def _train_step(self, model, optimizer, sampler, loss_fn, device, dtype) -> float:
+        opts = self.opts
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(opts.accumulate):
+            images, labels = sampler.batch(opts.batch)
+            images, labels = images.to(device), labels.to(device)
+            sync = micro == opts.accumulate - 1 or not self.dist.enabled
+            context = model.no_sync() if not sync else _nullcontext()
+            with context:
+                with autocast(device, dtype):
+                    logits = model(images)
+                loss = loss_fn(logits.float(), labels) / opts.accumulate
+                if not torch.isfinite(loss):
+                    raise MedTuningError("TRAINING_DIVERGED", "the training loss became NaN or infinite",
+                                         "lower --lr (e.g. 5e-4), or use --precision fp32")
+                loss.backward()
+            total += float(loss.detach())
+        optimizer.step()
+        return total
+
+    def _metric(self, phase: str, epoch: int, name: str, value: float) -> None:
+        self.events.metric(phase, name, value, epoch=epoch)
+        if self.curves is not None and self.dist.main:
+            self.curves.add(epoch, name, value, phase)
+
+    def _validate(self, model, val_data, scheme, crop, device, dtype) -> dict[str, float]:
+        from MedTuningLib.engine.evaluate import region_scores
+        from MedTuningLib.engine.infer import predict_probabilities
+
+        per_case = []
+        for i, case in enumerate(val_data):
+            self.cancel.check()
+            probs = predict_probabilities(model, torch.from_numpy(case["image"]), crop, device, dtype, overlap=0.25,
+                                          on_window=self.cancel.check)
+            pred = probs.argmax(0).numpy()
+            per_case.append(region_scores(scheme, pred, case["label"][0], case["spacing"], hd95=False))
+            self.events.progress("validate", i + 1, len(val_data))
+        model.train()
+        metrics: dict[str, float] = {}
+        for name in per_case[0]:
+            values = [c[name] for c in per_case if c[name] is not None and np.isfinite(c[name])]
+            if values:
+                metrics[name] = float(np.mean(values))
+        dice_values = [v for k, v in metrics.items() if k.startswith("dice/") and k != "dice/mean"]
+        metrics["dice/mean"] = float(np.mean(dice_values)) if dice_values else 0.0
+        return metrics
+
+    def _finish(self, model, scheme, preprocessing, modalities, crop, train_cases, val_cases, protocol, best, report,
+                epochs_done, seconds, device, dtype, checkpointing) -> dict:
+        opts = self.opts
+        events = self.events
+        events.progress("write", 0, 1)
+        if (self.work / BEST_WEIGHTS).exists():
+            tensors = load_safetensors(self.work / BEST_WEIGHTS, "best weights")
+            self._load_stored(model, {k: v.to(device) for k, v in tensors.items()})
+        stored, tensors = weights_to_store(model, self.base["pretrained"])
+        cfg = model.config
+        manifest = {
+            "created": now_iso(),
+            "architecture": cfg.to_dict(),
+            "method": {"name": cfg.method, "adapter": cfg.to_dict().get("adapter")},
+            "base_weights": self.base,
+            "pretrained": bool(self.base["pretrained"]),
+            "stored": stored,
+            "modalities": modalities,
+            "preprocessing": preprocessing.to_dict(),
+            "label_scheme": scheme.to_dict(),
+            "crop": list(crop),
+            "parameters": {k: report[k] for k in ("full", "tuned", "inserted", "head") if k in report},
+            "training": {
+                "epochs": epochs_done, "seconds": round(seconds, 1), "peak_memory_mb": round(peak_memory_mb(device), 1),
+                "best": best["metrics"], "best_epoch": best["epoch"], "batch": opts.batch,
+                "accumulate": opts.accumulate, "world_size": self.dist.world, "lr": opts.lr, "loss": opts.loss,
+                "precision": str(dtype or "fp32").replace("torch.", ""), "checkpointing": checkpointing,
+                "seed": opts.seed, "device": str(device), "library": str(Path(opts.library).absolute()),
+                "train_cases": [c.id for c in train_cases], "val_cases": [c.id for c in val_cases],
+                "validation": protocol, "init_from": str(opts.init_from) if opts.init_from else None,
+            },
+        }
+        write_model_folder(self.work, model, manifest, tensors)
+        self.curves.write()
+        # The resume state, cache and lock are working files, not part of the model.
+        for path in list(self.work.iterdir()):
+            if path.name.startswith("state") or path.name in (BEST_WEIGHTS, "cache", "STOP"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        old = None
+        if self.out.exists() and opts.force:
+            old = self.out.with_name(self.out.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.out, old)
+        (self.work / ".lock").unlink(missing_ok=True)
+        publish_dir(self.work, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        events.checkpoint(str(self.out), epochs_done, best=True)
+        events.progress("write", 1, 1)
+        return {"model": str(self.out), "best_epoch": best["epoch"], "best": best["metrics"]}
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def make_loss(name: str):
+    """Dice (as in the paper) or Dice + cross-entropy, both from MONAI, on softmax outputs."""
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if name == "dice":
+        return DiceLoss(to_onehot_y=True, softmax=True)
+    if name == "dice_ce":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    raise MedTuningError("INVALID_OPTION", f"unknown loss {name!r}", "use dice or dice_ce")
