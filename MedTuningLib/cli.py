@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--id", dest="case_id", default=None, help="case id (default: from the first image's name)")
     c.add_argument("--provenance", choices=("import", "scene", "correction"), default="import")
     c.add_argument("--source", default=None, help="where the case came from (free text)")
+    c.add_argument("--slices", default=None, metavar="START:STOP",
+                   help="add only these slices (end excluded), e.g. 0:80 to train on a slab and hold out the rest")
     _add_common(c)
     c = csub.add_parser("list", help="list the library's cases")
     c.add_argument("--library", type=Path, required=True)

@@ -7,7 +7,9 @@ on stdout; in text mode ``list`` prints a table (or JSON with ``--json``).
 from __future__ import annotations
 
 import json
+import tempfile
 from argparse import Namespace
+from pathlib import Path
 from typing import Any
 
 from MedTuningLib.cases import Case, CaseLibrary
@@ -37,9 +39,16 @@ def run(args: Namespace, ctx) -> dict[str, Any]:
     if events.jsonl or action != "list":  # a text-mode list prints only its table
         events.start(f"cases {action}")
     if action == "add":
-        case = library.add(args.image, args.label, modalities=args.modality, split=args.split, case_id=args.case_id,
-                           provenance=args.provenance, source=args.source,
-                           log=lambda message: events.log(message, level="warning"))
+        images, label, source = list(args.image), args.label, args.source
+        with tempfile.TemporaryDirectory(prefix="medtuning-slab-") as scratch:
+            if getattr(args, "slices", None):
+                from MedTuningLib.data.slab import write_slab
+
+                images, label, (start, stop) = write_slab(images, label, args.slices, Path(scratch))
+                source = (source + "; " if source else "") + f"slices {start}:{stop} of {args.image[0]}"
+            case = library.add(images, label, modalities=args.modality, split=args.split, case_id=args.case_id,
+                               provenance=args.provenance, source=source,
+                               log=lambda message: events.log(message, level="warning"))
         events.log(f"added case {case.id!r} ({case.split}) to {library.root}")
         return {"library": str(library.root), "case": case.id, **{k: v for k, v in _case_summary(case).items() if k != "id"}}
     if action == "list":

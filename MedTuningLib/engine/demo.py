@@ -3,8 +3,8 @@
 slicerio ships a chest CT written by 3D Slicer (``CTChest4.nrrd``, 128 x 128 x 34, 10 mm slices)
 with a segmentation drawn in Slicer (``Segmentation.seg.nrrd``). The demo
 
-1. splits the scan into an upper slab (training) and the lower slab (held out), as real files in a
-   case library;
+1. splits the scan into a training slab (the first 70% of the slices, from the inferior end) and a
+   held-out slab (the remaining, superior slices with the lung apices), as real files in a case library;
 2. tunes Med-Adapters on a CPU-sized ViT + UPerNet to segment the right and left lung;
 3. segments the whole scan into ``CTChest4.seg.nrrd`` (open it in 3D Slicer over ``CTChest4.nrrd``);
 4. reports Dice on the held-out slab and on the whole volume (which includes the training slices),
@@ -25,7 +25,7 @@ from MedTuningLib.events import EventStream
 from MedTuningLib.fileio import ensure_writable_dir, publish_dir, write_bytes_atomic, write_json_atomic
 
 DEMO_SEGMENTS = ["right lung", "left lung"]
-# Fraction of the slices (from the top, i.e. the superior end) used for training.
+# Fraction of the slices, in slice order (from the inferior end), used for training; the rest is held out.
 TRAIN_FRACTION = 0.7
 
 
@@ -59,24 +59,16 @@ def choose_weights(requested: str, backbone: str, events: EventStream) -> str:
     """``auto``: the pretrained backbone when it is in the local Hugging Face cache, else none."""
     if requested != "auto":
         return requested
-    from MedTuningLib.models import ModelConfig, build_model, load_base_weights
+    from MedTuningLib.models.weights import cached_hub_file
+    from timm.models import get_pretrained_cfg
 
-    probe = build_model(ModelConfig(arch="vit_upernet", backbone=backbone, in_channels=1, num_classes=2, img_size=32,
-                                    depth=2, backbone_kwargs={"depth": 4}, decoder_width=16))
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # the cache only: the demo never waits on a download
-    try:
-        load_base_weights(probe, "hub")
+    cfg = get_pretrained_cfg(backbone)
+    if cached_hub_file(backbone) is not None:
         return "hub"
-    except MedTuningError as exc:
-        events.log(f"pretrained weights for {backbone} are not available ({exc.message}); the demo tunes on a "
-                   "random, NOT pretrained backbone", level="warning")
-        return "none"
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
+    events.log(f"pretrained weights for {backbone} ({getattr(cfg, 'hf_hub_id', None) or 'no hub id'}) are not in the "
+               "local Hugging Face cache; the demo tunes on a random, NOT pretrained backbone "
+               "(pass --weights hub to download them, or --weights FILE)", level="warning")
+    return "none"
 
 
 def make_demo_library(work: Path, events: EventStream) -> dict:
@@ -93,9 +85,9 @@ def make_demo_library(work: Path, events: EventStream) -> dict:
     scheme = scheme_from_segmentations([seg_path], names=DEMO_SEGMENTS)
     classes = read_label(seg_path, image, scheme)
     depth = image.GetSize()[2]
-    cut = depth - int(round(depth * TRAIN_FRACTION))  # slices [cut, depth) are the upper (superior) part
+    cut = int(round(depth * TRAIN_FRACTION))  # slices [0, cut) train, [cut, depth) held out
     source = ensure_writable_dir(work / "source", "demo")
-    slabs = {"chest-upper": (cut, depth), "chest-lower": (0, cut)}
+    slabs = {"chest-train-slab": (0, cut), "chest-held-out-slab": (cut, depth)}
     library = CaseLibrary(work / "library")
     for case_id, (z0, z1) in slabs.items():
         slab = image[:, :, z0:z1]
@@ -103,14 +95,14 @@ def make_demo_library(work: Path, events: EventStream) -> dict:
         sitk.WriteImage(slab, str(slab_image), True)
         slab_label = source / f"{case_id}.seg.nrrd"
         write_segmentation(slab_label, scheme.output_masks(classes[z0:z1]), slab, scheme)
-        library.add([slab_image], slab_label, modalities=["CT"], split="train" if case_id == "chest-upper" else "test",
+        library.add([slab_image], slab_label, modalities=["CT"], split="train" if case_id == "chest-train-slab" else "test",
                      case_id=case_id, source=f"slicerio CTChest4 slices {z0}-{z1 - 1}")
     whole = CaseLibrary(work / "library-whole")
     whole.add([image_path], seg_path, modalities=["CT"], split="test", case_id="chest-whole",
               source="slicerio CTChest4 (all slices)")
-    events.log(f"demo library: training slab slices {cut}-{depth - 1} (upper), held-out slab slices 0-{cut - 1}")
-    return {"image": image_path, "segmentation": seg_path, "train_slices": [cut, depth - 1],
-            "test_slices": [0, cut - 1]}
+    events.log(f"demo library: training slab slices 0-{cut - 1}, held-out slab slices {cut}-{depth - 1}")
+    return {"image": image_path, "segmentation": seg_path, "train_slices": [0, cut - 1],
+            "test_slices": [cut, depth - 1]}
 
 
 def run_demo(out: Path, events: EventStream, cancel: CancelToken, weights: str = "auto", device: str = "auto",

@@ -79,9 +79,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                              "give a .safetensors state dict of the backbone (timm format)", path=str(path)) from exc
 
 
-def _hub_file(name: str) -> Path:
-    """The cached (or downloaded) safetensors weights of a timm model, through timm's pretrained config."""
-    from huggingface_hub import hf_hub_download
+def _hub_id(name: str) -> str:
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(name)
@@ -89,6 +87,25 @@ def _hub_file(name: str) -> Path:
     if not hub_id:
         raise MedTuningError("WEIGHTS_DOWNLOAD_FAILED", f"timm has no Hugging Face weights for {name!r}",
                              hint="use --weights FILE or --weights none")
+    return hub_id
+
+
+def cached_hub_file(name: str) -> Path | None:
+    """The pretrained weights of a timm model if already in the local Hugging Face cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(_hub_id(name), filename="model.safetensors")
+    except MedTuningError:
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _hub_file(name: str) -> Path:
+    """The cached (or downloaded) safetensors weights of a timm model, through timm's pretrained config."""
+    from huggingface_hub import hf_hub_download
+
+    hub_id = _hub_id(name)
     try:
         return Path(hf_hub_download(hub_id, filename="model.safetensors"))
     except Exception as exc:  # offline, not cached, network error, no such file
