@@ -1,0 +1,215 @@
+"""Backend command lines from typed parameters.
+
+Each ``*Params`` dataclass mirrors one sub-command of the ``medtuning`` CLI contract
+(:mod:`MedTuningLib.cli`) and turns itself into an argv list — never a shell string, so paths with
+spaces, quotes or non-ASCII letters pass through unchanged on every platform. Options that the
+caller leaves at ``None`` are not written, so the backend's own defaults apply.
+
+Valued options are written as one ``--option=value`` token: argparse would otherwise read a value
+that starts with ``-`` (a free-text label spec, a relative path) as an option of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+ARCHS = ("vit_upernet", "swin_unet", "vit_setr_naive", "vit_setr_pup", "vit_setr_mla", "vit_unet", "swin_unetr")
+METHODS = ("med_tuning", "full", "head", "scratch", "vpt_shallow", "vpt_deep", "adapter", "adaptformer",
+           "st_adapter", "pro_tuning")
+TASKS = ("kits", "brats", "custom")
+DEVICES = ("auto", "cpu", "cuda")
+SPLITS = ("train", "val", "test")
+PROVENANCES = ("import", "scene", "correction")
+SOURCE_LABELS = ("brats2015", "brats2019", "brats2023")
+
+#: Suffix of the folder a training run works in (resume state, curves, STOP file).
+PARTIAL_SUFFIX = ".partial"
+
+
+def _opt(name: str, value: object) -> list[str]:
+    """``["--name=value"]``, or nothing when ``value`` is None."""
+    if value is None:
+        return []
+    return [f"--{name}={_text(value)}"]
+
+
+def _flag(name: str, on: bool) -> list[str]:
+    return [f"--{name}"] if on else []
+
+
+def _text(value: object) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, float):
+        return repr(value)  # shortest exact form: 2e-3 stays 0.002, never rounded
+    return str(value)
+
+
+def _choice(name: str, value: Optional[str], allowed: Sequence[str]) -> None:
+    if value is not None and value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def _positive(name: str, value: Optional[float]) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be positive, not {value!r}")
+
+
+def _paths(name: str, values: Iterable[PathLike]) -> list[Path]:
+    paths = [Path(v) for v in values]
+    if not paths:
+        raise ValueError(f"at least one {name} is needed")
+    return paths
+
+
+@dataclass
+class TrainParams:
+    """``medtuning train``: tune a model on a case library into ``out`` (works in ``out.partial``)."""
+
+    library: PathLike
+    out: PathLike
+    task: str = "custom"
+    labels: Optional[str] = None
+    source_labels: Optional[str] = None
+    arch: Optional[str] = None
+    backbone: Optional[str] = None
+    weights: Optional[str] = None  # "hub", "none" or a local file
+    method: Optional[str] = None
+    alpha: Optional[float] = None
+    crop: Optional[tuple[int, int, int]] = None
+    batch: Optional[int] = None
+    epochs: Optional[int] = None
+    steps_per_epoch: Optional[int] = None
+    minutes: Optional[float] = None
+    lr: Optional[float] = None
+    device: Optional[str] = None
+    seed: Optional[int] = None
+    init_from: Optional[PathLike] = None
+    resume: bool = False
+    force: bool = False
+    extra: list[str] = field(default_factory=list)  # advanced options passed as they are
+
+    def validate(self) -> None:
+        _choice("task", self.task, TASKS)
+        _choice("arch", self.arch, ARCHS)
+        _choice("method", self.method, METHODS)
+        _choice("device", self.device, DEVICES)
+        _choice("source labels", self.source_labels, SOURCE_LABELS)
+        for name in ("alpha", "batch", "epochs", "steps_per_epoch", "minutes", "lr"):
+            _positive(name, getattr(self, name))
+        if self.crop is not None and (len(self.crop) != 3 or min(self.crop) < 1):
+            raise ValueError(f"crop must be three positive sizes (D, H, W), not {self.crop!r}")
+
+    def argv(self) -> list[str]:
+        self.validate()
+        crop = "x".join(str(int(c)) for c in self.crop) if self.crop is not None else None
+        return ["train", *_opt("library", self.library), *_opt("out", self.out), *_opt("task", self.task),
+                *_opt("labels", self.labels), *_opt("source-labels", self.source_labels),
+                *_opt("arch", self.arch), *_opt("backbone", self.backbone), *_opt("weights", self.weights),
+                *_opt("method", self.method), *_opt("alpha", self.alpha), *_opt("crop", crop),
+                *_opt("batch", self.batch), *_opt("epochs", self.epochs),
+                *_opt("steps-per-epoch", self.steps_per_epoch), *_opt("minutes", self.minutes),
+                *_opt("lr", self.lr), *_opt("device", self.device), *_opt("seed", self.seed),
+                *_opt("init-from", self.init_from), *_flag("resume", self.resume), *_flag("force", self.force),
+                *self.extra]
+
+    def workdir(self) -> Path:
+        """The folder the run works in; a ``STOP`` file there cancels it."""
+        out = Path(self.out)
+        return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+@dataclass
+class SegmentParams:
+    """``medtuning segment``: one ``--image`` per modality, in the model's channel order."""
+
+    model: PathLike
+    images: Sequence[PathLike]
+    out: PathLike
+    labelmap: Optional[PathLike] = None
+    tta: bool = False
+    device: Optional[str] = None
+    weights: Optional[PathLike] = None
+    force: bool = False
+
+    def argv(self) -> list[str]:
+        _choice("device", self.device, DEVICES)
+        images = _paths("--image", self.images)
+        return ["segment", *_opt("model", self.model), *[t for p in images for t in _opt("image", p)],
+                *_opt("out", self.out), *_opt("labelmap", self.labelmap), *_flag("tta", self.tta),
+                *_opt("weights", self.weights), *_opt("device", self.device), *_flag("force", self.force)]
+
+
+@dataclass
+class EvaluateParams:
+    """``medtuning evaluate``: Dice / HD95 of a model on a library split."""
+
+    model: PathLike
+    library: PathLike
+    split: Optional[str] = "test"
+    report: Optional[PathLike] = None
+    tta: bool = False
+    device: Optional[str] = None
+
+    def argv(self) -> list[str]:
+        _choice("split", self.split, SPLITS + ("all",))
+        _choice("device", self.device, DEVICES)
+        return ["evaluate", *_opt("model", self.model), *_opt("library", self.library), *_opt("split", self.split),
+                *_opt("report", self.report), *_flag("tta", self.tta), *_opt("device", self.device)]
+
+
+@dataclass
+class CaseAddParams:
+    """``medtuning cases add``: copy a labelled case (images + label) into a library."""
+
+    library: PathLike
+    images: Sequence[PathLike]
+    label: PathLike
+    modalities: Sequence[str] = ()
+    split: Optional[str] = None
+    case_id: Optional[str] = None
+    provenance: Optional[str] = None
+    source: Optional[str] = None
+
+    def argv(self) -> list[str]:
+        images = _paths("--image", self.images)
+        if self.modalities and len(self.modalities) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.modalities)} modality names")
+        _choice("split", self.split, SPLITS)
+        _choice("provenance", self.provenance, PROVENANCES)
+        return ["cases", "add", *_opt("library", self.library), *[t for p in images for t in _opt("image", p)],
+                *_opt("label", self.label), *[t for m in self.modalities for t in _opt("modality", m)],
+                *_opt("split", self.split), *_opt("id", self.case_id), *_opt("provenance", self.provenance),
+                *_opt("source", self.source)]
+
+
+@dataclass
+class InfoParams:
+    """``medtuning info``: versions, devices, models; or one model folder with ``model``."""
+
+    model: Optional[PathLike] = None
+    json: bool = True
+
+    def argv(self) -> list[str]:
+        return ["info", *_flag("json", self.json), *_opt("model", self.model)]
+
+
+Params = Union[TrainParams, SegmentParams, EvaluateParams, CaseAddParams, InfoParams]
+
+
+def backend_argv(python: PathLike, params: Params, events: bool = True) -> list[str]:
+    """The full command: ``PYTHON -m MedTuningLib <sub-command ...> --events jsonl``."""
+    if not os.fspath(python):
+        raise ValueError("no backend Python interpreter is set")
+    argv = [os.fspath(python), "-m", "MedTuningLib", *params.argv()]
+    return [*argv, "--events", "jsonl"] if events else argv
+
+
+def stop_dir(params: Params) -> Optional[Path]:
+    """Where a ``STOP`` file cancels this command (training: ``OUT.partial``; others: set by the runner)."""
+    return params.workdir() if isinstance(params, TrainParams) else None

@@ -1,0 +1,364 @@
+"""Module settings, model discovery and case-library listing — without Slicer.
+
+The Slicer module stores :class:`BridgeSettings` in the application settings (per user, not per
+scene). Model discovery reads ``medtuning.json`` of every folder under the models folder so the
+Segment section can show one volume selector per modality, in channel order, and the segments a
+model writes. Reading is tolerant: a damaged folder is listed with its problem instead of breaking
+the list, and fields this version does not know are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from MedTuningLib.paths import default_cases_dir, default_models_dir
+
+MANIFEST_NAME = "medtuning.json"
+WEIGHTS_NAME = "weights.safetensors"
+CASES_MANIFEST = "cases.json"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def default_backend_python(slicer_home: Optional[str] = None) -> str:
+    """Slicer's own ``PythonSlicer`` when it can be found, else the running interpreter."""
+    names = ("PythonSlicer.exe", "PythonSlicer") if sys.platform == "win32" else ("PythonSlicer",)
+    if slicer_home:
+        for name in names:
+            candidate = Path(slicer_home) / "bin" / name
+            if candidate.is_file():
+                return str(candidate)
+    found = shutil.which("PythonSlicer")
+    return found or sys.executable
+
+
+@dataclass
+class BridgeSettings:
+    """What the Settings section edits. Empty ``backend_python`` means "the default one"."""
+
+    backend_python: str = ""
+    models_dir: str = ""
+    cases_dir: str = ""
+    device: str = "auto"
+    auto_retrain: bool = False  # adding a case never retrains unless the user turns this on
+
+    def resolved_python(self, slicer_home: Optional[str] = None) -> str:
+        return self.backend_python or default_backend_python(slicer_home)
+
+    def resolved_models_dir(self) -> Path:
+        return Path(self.models_dir).expanduser() if self.models_dir else default_models_dir()
+
+    def resolved_cases_dir(self) -> Path:
+        return Path(self.cases_dir).expanduser() if self.cases_dir else default_cases_dir()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "BridgeSettings":
+        """Unknown keys are ignored and values of the wrong type fall back to the defaults."""
+        settings = cls()
+        for key, default in asdict(cls()).items():
+            value = values.get(key, default)
+            if isinstance(default, bool):
+                value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            elif not isinstance(value, str):
+                value = default
+            setattr(settings, key, value)
+        if settings.device not in DEVICES:
+            settings.device = "auto"
+        return settings
+
+
+# -- models --------------------------------------------------------------------------------------
+
+@dataclass
+class SegmentInfo:
+    name: str
+    color: Optional[tuple[float, float, float]] = None  # 0..1 RGB
+    value: Optional[int] = None
+
+
+@dataclass
+class ModelInfo:
+    """What the Segment section needs to know about a model folder."""
+
+    path: Path
+    name: str
+    modalities: list[str] = field(default_factory=list)
+    segments: list[SegmentInfo] = field(default_factory=list)
+    task: str = ""
+    architecture: str = ""
+    method: str = ""
+    pretrained: Optional[bool] = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    problem: str = ""  # why the folder cannot be used; empty when it can
+
+    @property
+    def usable(self) -> bool:
+        return not self.problem
+
+    def describe(self) -> str:
+        """One line for a tooltip / status label."""
+        if self.problem:
+            return f"{self.name}: {self.problem}"
+        parts = [self.task or "custom", self.architecture, self.method]
+        text = ", ".join(p for p in parts if p)
+        if self.pretrained is False:
+            text += " (not pretrained)"
+        segs = ", ".join(s.name for s in self.segments)
+        return f"{self.name} — {text}; modalities: {', '.join(self.modalities) or '?'}" + (f"; segments: {segs}" if segs else "")
+
+
+def _color(value: Any) -> Optional[tuple[float, float, float]]:
+    """RGB from ``[r, g, b]`` (0..1 or 0..255) or ``"#rrggbb"``."""
+    if isinstance(value, str) and value.startswith("#") and len(value) == 7:
+        try:
+            return tuple(int(value[i:i + 2], 16) / 255.0 for i in (1, 3, 5))  # type: ignore[return-value]
+        except ValueError:
+            return None
+    if isinstance(value, (list, tuple)) and len(value) >= 3 and all(isinstance(v, (int, float)) for v in value[:3]):
+        rgb = [float(v) for v in value[:3]]
+        if max(rgb) > 1.0:
+            rgb = [v / 255.0 for v in rgb]
+        return (rgb[0], rgb[1], rgb[2])
+    return None
+
+
+def _segment_entries(scheme: Any) -> list[SegmentInfo]:
+    """Segments a label scheme writes, from the forms a scheme may take in ``medtuning.json``."""
+    if not isinstance(scheme, dict):
+        return []
+    entries: Any = scheme.get("segments")
+    if entries is None:
+        written = scheme.get("write") or scheme.get("writes") or "classes"
+        entries = scheme.get(written) if isinstance(written, str) else None
+        if entries is None:
+            entries = scheme.get("classes")
+    if isinstance(entries, dict):  # {"Kidney": {...}, ...}
+        entries = [{"name": k, **(v if isinstance(v, dict) else {})} for k, v in entries.items()]
+    segments = []
+    for item in entries or []:
+        if isinstance(item, str):
+            segments.append(SegmentInfo(item))
+        elif isinstance(item, dict) and isinstance(item.get("name"), str):
+            value = item.get("value", item.get("label_value"))
+            segments.append(SegmentInfo(item["name"], _color(item.get("color")),
+                                        value if isinstance(value, int) else None))
+    return segments
+
+
+def read_model_info(folder: os.PathLike | str) -> ModelInfo:
+    """Describe a model folder; problems are reported in ``problem``, never raised."""
+    path = Path(folder)
+    info = ModelInfo(path=path, name=path.name)
+    manifest_path = path / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        info.problem = f"no {MANIFEST_NAME} (not a MedTuning model folder)"
+        return info
+    except (OSError, ValueError) as exc:
+        info.problem = f"{MANIFEST_NAME} cannot be read: {exc}"
+        return info
+    if not isinstance(manifest, dict):
+        info.problem = f"{MANIFEST_NAME} is not a model description"
+        return info
+    modalities = manifest.get("modalities")
+    info.modalities = [str(m) for m in modalities] if isinstance(modalities, list) else []
+    scheme = manifest.get("label_scheme")
+    info.segments = _segment_entries(scheme)
+    task = (scheme.get("task") or scheme.get("preset") or scheme.get("name")) if isinstance(scheme, dict) else None
+    info.task = str(task or manifest.get("task") or "")
+    arch = manifest.get("architecture")
+    info.architecture = str(arch.get("arch") or arch.get("name") or "") if isinstance(arch, dict) else str(arch or "")
+    method = manifest.get("method")
+    info.method = str(method.get("name") or "") if isinstance(method, dict) else str(method or "")
+    if not info.method and isinstance(arch, dict):
+        info.method = str(arch.get("method") or "")
+    base = manifest.get("base_weights")
+    if base == "none" or (isinstance(base, dict) and base.get("source") == "none"):
+        info.pretrained = False
+    elif isinstance(base, dict):
+        info.pretrained = True
+    summary = manifest.get("training") or manifest.get("training_summary") or {}
+    info.summary = summary if isinstance(summary, dict) else {}
+    if not info.modalities:
+        info.problem = "the model description names no modalities"
+    elif not (path / WEIGHTS_NAME).is_file():
+        info.problem = f"{WEIGHTS_NAME} is missing"
+    return info
+
+
+def discover_models(models_dir: os.PathLike | str, extra: Iterable[os.PathLike | str] = ()) -> list[ModelInfo]:
+    """Model folders directly under ``models_dir`` (plus ``extra`` folders the user loaded).
+
+    Unfinished runs (``*.partial``) are skipped; damaged folders are listed with their problem.
+    """
+    found: dict[str, ModelInfo] = {}
+    root = Path(models_dir)
+    candidates = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for folder in [*candidates, *(Path(e) for e in extra)]:
+        if folder.name.endswith(".partial") or not (folder / MANIFEST_NAME).exists():
+            continue
+        found.setdefault(str(folder.resolve()), read_model_info(folder))
+    return sorted(found.values(), key=lambda m: m.name.lower())
+
+
+def next_model_name(models_dir: os.PathLike | str, base: str) -> str:
+    """``base``, or ``base-2``, ``base-3`` ... not yet used in ``models_dir`` (finished or partial)."""
+    root = Path(models_dir)
+    taken = {p.name.lower() for p in root.iterdir()} if root.is_dir() else set()
+    name, n = base, 1
+    while name.lower() in taken or f"{name}.partial".lower() in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+# -- case library --------------------------------------------------------------------------------
+
+@dataclass
+class CaseEntry:
+    case_id: str
+    images: dict[str, str]  # modality name -> file (relative to the library)
+    label: str
+    split: str = "train"
+    provenance: str = ""
+
+
+def read_case_library(library: os.PathLike | str) -> list[CaseEntry]:
+    """The cases listed in ``cases.json`` (empty when the library does not exist yet)."""
+    path = Path(library) / CASES_MANIFEST
+    if not path.is_file():
+        return []
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    cases = manifest.get("cases") if isinstance(manifest, dict) else None
+    entries = []
+    for item in cases or []:
+        if not isinstance(item, dict):
+            continue
+        images = item.get("images") or item.get("image") or {}
+        if isinstance(images, list):
+            images = {str(i): str(v) for i, v in enumerate(images)}
+        provenance = item.get("provenance")
+        entries.append(CaseEntry(
+            case_id=str(item.get("id") or item.get("case_id") or "?"),
+            images={str(k): str(v) for k, v in images.items()} if isinstance(images, dict) else {},
+            label=str(item.get("label") or ""),
+            split=str(item.get("split") or "train"),
+            provenance=str(provenance.get("kind") or provenance.get("type") or "") if isinstance(provenance, dict)
+            else str(provenance or "")))
+    return entries
+
+
+# -- dependency check ----------------------------------------------------------------------------
+
+#: Packages the backend needs; torch / torchvision come through the PyTorch extension in Slicer.
+TORCH_PACKAGES = ("torch", "torchvision")
+OTHER_PACKAGES = ("timm", "monai", "slicerio", "safetensors", "SimpleITK", "numpy", "scipy", "psutil")
+
+#: Run with ``PYTHON -c``: prints one JSON object describing the interpreter (imports nothing heavy
+#: except torch, and only when it is installed).
+DEPENDENCY_PROBE = r"""
+import json, sys
+from importlib import metadata
+report = {"python": sys.version.split()[0], "executable": sys.executable, "packages": {}}
+for name in %(packages)r:
+    try:
+        report["packages"][name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        report["packages"][name] = None
+try:
+    import torch
+    report["cuda"] = bool(torch.cuda.is_available())
+    report["gpus"] = [{"name": torch.cuda.get_device_name(i),
+                       "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
+                      for i in range(torch.cuda.device_count())] if report["cuda"] else []
+    report["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+except Exception as exc:
+    report["torch_error"] = "%%s: %%s" %% (type(exc).__name__, exc)
+print(json.dumps(report))
+""" % {"packages": TORCH_PACKAGES + OTHER_PACKAGES}
+
+
+@dataclass
+class DependencyReport:
+    python: str = ""
+    packages: dict[str, Optional[str]] = field(default_factory=dict)
+    cuda: bool = False
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    torch_error: str = ""
+    problem: str = ""
+
+    @property
+    def missing(self) -> list[str]:
+        return [name for name, version in self.packages.items() if not version]
+
+    @property
+    def missing_torch(self) -> list[str]:
+        return [name for name in TORCH_PACKAGES if name in self.missing]
+
+    @property
+    def missing_other(self) -> list[str]:
+        return [name for name in OTHER_PACKAGES if name in self.missing]
+
+    @property
+    def ready(self) -> bool:
+        return not self.problem and not self.missing and not self.torch_error
+
+    def gpu_text(self) -> str:
+        if self.gpus:
+            return "; ".join(f"{g.get('name')} ({g.get('memory_gb')} GB)" for g in self.gpus)
+        if self.packages.get("torch"):
+            return "no CUDA GPU found: training and segmentation run on the CPU (slower)"
+        return "unknown (PyTorch is not installed)"
+
+    def summary(self) -> str:
+        if self.problem:
+            return self.problem
+        if self.ready:
+            return f"All dependencies found (Python {self.python}, torch {self.packages.get('torch')})."
+        text = "Missing: " + ", ".join(self.missing) if self.missing else ""
+        if self.torch_error:
+            text += ("; " if text else "") + f"torch fails to import: {self.torch_error}"
+        return text
+
+
+def parse_probe_output(stdout: str, returncode: int = 0, stderr: str = "") -> DependencyReport:
+    """Turn :data:`DEPENDENCY_PROBE`'s output into a report (the last JSON line counts)."""
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return DependencyReport(python=str(data.get("python") or ""), packages=dict(data.get("packages") or {}),
+                                    cuda=bool(data.get("cuda")), gpus=list(data.get("gpus") or []),
+                                    torch_error=str(data.get("torch_error") or ""))
+    tail = (stderr or stdout).strip().splitlines()[-5:]
+    return DependencyReport(problem=f"the backend Python could not be run (exit status {returncode}): "
+                                    + " / ".join(tail))
+
+
+def probe_argv(python: str) -> list[str]:
+    return [python, "-c", DEPENDENCY_PROBE]
+
+
+def pip_constraints(packages: dict[str, Optional[str]]) -> str:
+    """A pip constraints file pinning the installed torch / torchvision, so no install replaces them."""
+    return "".join(f"{name}=={packages[name]}\n" for name in TORCH_PACKAGES if packages.get(name))
+
+
+def pip_install_args(missing: Sequence[str], constraints_file: str) -> list[str]:
+    """Arguments for ``slicer.util.pip_install``: only the missing non-torch packages, torch pinned."""
+    wanted = [name for name in missing if name not in TORCH_PACKAGES]
+    return [*wanted, "--constraint", constraints_file] if wanted else []
