@@ -19,7 +19,7 @@ KEYS = ("image", "label")
 def training_transforms(crop: Sequence[int], num_samples: int = 1, pos: float = 2.0, neg: float = 1.0,
                         num_classes: int | None = None, class_ratios: Sequence[float] | None = None,
                         flip_prob: float = 0.5, scale: float = 0.1, shift: float = 0.1,
-                        seed: int | None = None) -> Compose:
+                        seed: int | None = None, flip_axes: Sequence[int] = (0, 1, 2)) -> Compose:
     """Random foreground-weighted crops of ``crop`` (D, H, W), flips, intensity scale and shift.
 
     With ``class_ratios`` (one per class, background first; needs ``num_classes``) crops are centred on
@@ -39,9 +39,8 @@ def training_transforms(crop: Sequence[int], num_samples: int = 1, pos: float = 
         # Constant padding: 0 is the mean of a normalised volume and background in the label.
         SpatialPadd(keys=KEYS, spatial_size=crop, mode="constant"),
         cropper,
-        RandFlipd(keys=KEYS, prob=flip_prob, spatial_axis=0),
-        RandFlipd(keys=KEYS, prob=flip_prob, spatial_axis=1),
-        RandFlipd(keys=KEYS, prob=flip_prob, spatial_axis=2),
+        # The paper flips all three axes; ``flip_axes`` leaves out the left-right axis for lateral labels.
+        *[RandFlipd(keys=KEYS, prob=flip_prob, spatial_axis=axis) for axis in flip_axes],
         RandScaleIntensityd(keys="image", factors=scale, prob=1.0),
         RandShiftIntensityd(keys="image", offsets=shift, prob=1.0),
         EnsureTyped(keys=KEYS, track_meta=False),

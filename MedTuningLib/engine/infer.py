@@ -19,14 +19,18 @@ import torch
 from MedTuningLib.engine.device import autocast
 from MedTuningLib.errors import MedTuningError
 
-# The flips of (D, H, W) used by test-time augmentation: every combination of the three axes.
-TTA_FLIPS: list[tuple[int, ...]] = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
+def tta_flips(flip_axes: Sequence[int] = (0, 1, 2)) -> list[tuple[int, ...]]:
+    """Every combination of the volume axes (0, 1, 2 = D, H, W) the model was trained with flips on,
+    as dimensions of a ``[B, C, D, H, W]`` tensor; the first entry is no flip."""
+    dims = [axis + 2 for axis in flip_axes]
+    return [axes for n in range(len(dims) + 1) for axes in itertools.combinations(dims, n)]
 
 
 @torch.no_grad()
 def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Sequence[int], device: torch.device,
                           dtype: torch.dtype | None = None, overlap: float = 0.5, tta: bool = False,
-                          sw_batch_size: int = 1, on_window: Callable[[], None] | None = None) -> torch.Tensor:
+                          sw_batch_size: int = 1, on_window: Callable[[], None] | None = None,
+                          flip_axes: Sequence[int] = (0, 1, 2)) -> torch.Tensor:
     """Softmax probabilities ``[K, D, H, W]`` (float32, CPU) for one normalised volume ``[C, D, H, W]``."""
     from monai.inferers import sliding_window_inference
 
@@ -40,7 +44,7 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
             logits = model(x)
         return torch.softmax(logits.float(), dim=1)
 
-    flips = TTA_FLIPS if tta else [()]
+    flips = tta_flips(flip_axes) if tta else [()]
     total = None
     for axes in flips:
         flipped = torch.flip(inputs, axes) if axes else inputs
@@ -110,7 +114,8 @@ def segment_images(loaded, image_paths: Sequence[Path], device: torch.device, dt
     array, reference = read_case_images([Path(p) for p in image_paths], log=log)
     array = normalize_intensity(array, loaded.preprocessing)
     probs = predict_probabilities(loaded.model, torch.from_numpy(np.ascontiguousarray(array)), loaded.crop, device,
-                                  dtype, overlap=overlap, tta=tta, on_window=on_window)
+                                  dtype, overlap=overlap, tta=tta, on_window=on_window,
+                                  flip_axes=loaded.manifest.get("flip_axes", (0, 1, 2)))
     class_map = probs.argmax(0).numpy().astype(np.uint8)
     masks = segment_masks(loaded.scheme, class_map, min_component)
     return SegmentResult(class_map=class_map, masks=masks, reference=reference, seconds=time.monotonic() - t0)

@@ -256,11 +256,12 @@ def normalise_cases(raw: list[dict], preprocessing) -> list[dict]:
 class CropSampler:
     """Draws training batches of random crops (MONAI transforms) from cases held in memory."""
 
-    def __init__(self, cases: list[dict], crop: tuple[int, int, int], num_classes: int, flips: bool = True) -> None:
+    def __init__(self, cases: list[dict], crop: tuple[int, int, int], num_classes: int,
+                 flip_axes: tuple[int, ...] = (0, 1, 2)) -> None:
         from MedTuningLib.data.transforms import training_transforms
 
         self.cases = cases
-        self.transforms = training_transforms(crop, num_classes=num_classes, flip_prob=0.5 if flips else 0.0)
+        self.transforms = training_transforms(crop, num_classes=num_classes, flip_axes=flip_axes)
         self.rng = np.random.default_rng(0)
 
     def reseed(self, seed: int) -> None:
@@ -492,10 +493,12 @@ class TrainingRun:
                    f"({report['inserted']:,} inserted); precision {dtype or 'fp32'}, "
                    f"checkpointing {'on' if checkpointing else 'off'}")
 
-        flips = not is_lateral(scheme)
-        if not flips:
-            events.log("left/right segments: random flips are off so that sides stay distinguishable")
-        sampler = CropSampler(train_data, crop, scheme.num_classes, flips=flips)
+        # Axes of the [D, H, W] arrays; W runs left-right in axial scans. Left/right segments must not be
+        # mirrored into each other, so their models never see left-right flips (nor use them at test time).
+        flip_axes = (0, 1) if is_lateral(scheme) else (0, 1, 2)
+        if len(flip_axes) < 3:
+            events.log("left/right segments: no left-right flips in training or test-time augmentation")
+        sampler = CropSampler(train_data, crop, scheme.num_classes, flip_axes=flip_axes)
         steps_per_epoch = opts.steps_per_epoch or max(1, math.ceil(len(train_data) * 2 / (opts.batch * self.dist.world)))
         loss_fn = make_loss(opts.loss)
 
@@ -600,7 +603,8 @@ class TrainingRun:
         if not self.dist.main:
             return {}
         return self._finish(model, scheme, preprocessing, modalities, crop, train_cases, val_cases, protocol, best,
-                            report, epoch, elapsed_before + time.monotonic() - t_start, device, dtype, checkpointing)
+                            report, epoch, elapsed_before + time.monotonic() - t_start, device, dtype, checkpointing,
+                            flip_axes)
 
     def _train_step(self, model, optimizer, sampler, loss_fn, device, dtype) -> float:
         opts = self.opts
@@ -651,7 +655,7 @@ class TrainingRun:
         return metrics
 
     def _finish(self, model, scheme, preprocessing, modalities, crop, train_cases, val_cases, protocol, best, report,
-                epochs_done, seconds, device, dtype, checkpointing) -> dict:
+                epochs_done, seconds, device, dtype, checkpointing, flip_axes) -> dict:
         opts = self.opts
         events = self.events
         events.progress("write", 0, 1)
@@ -671,6 +675,7 @@ class TrainingRun:
             "preprocessing": preprocessing.to_dict(),
             "label_scheme": scheme.to_dict(),
             "crop": list(crop),
+            "flip_axes": list(flip_axes),
             "parameters": {k: report[k] for k in ("full", "tuned", "inserted", "head") if k in report},
             "training": {
                 "epochs": epochs_done, "seconds": round(seconds, 1), "peak_memory_mb": round(peak_memory_mb(device), 1),
