@@ -41,16 +41,21 @@ def test_kind_guessed_from_values():
     assert Preprocessing.infer(["image"], [zscored]).kinds == ["MR"]
 
 
-def test_ct_fit_uses_foreground_window():
+def test_ct_fit_uses_foreground_window_at_least_soft_tissue():
     rng = np.random.default_rng(2)
     image = rng.normal(40, 20, (1, 8, 16, 16)).astype(np.float32)
     label = np.zeros((8, 16, 16), np.uint8)
     label[2:6, 4:12, 4:12] = 1
+    image[0][label > 0] += 400  # a bright structure (contrast-filled kidney): window reaches above 240 HU
     prep = Preprocessing(["CT"], ["CT"]).fit([(image, label)])
     lo, hi = prep.ct_clip
-    assert -40 < lo < 40 < hi < 120
-    assert prep.ct_mean is not None and abs(prep.ct_mean - 40) < 5
+    assert lo == -160 and 440 < hi < 520
+    assert prep.ct_mean is not None and 40 < prep.ct_mean < 440
     assert Preprocessing.from_dict(prep.to_dict()).ct_clip == prep.ct_clip
+    # Air-filled structures (lungs) keep their percentile floor and the soft-tissue ceiling.
+    lungs = np.where(label > 0, -850.0, 40.0)[None].astype(np.float32)
+    lo, hi = Preprocessing(["CT"], ["CT"]).fit([(lungs, label)]).ct_clip
+    assert lo == -850 and hi == 240
 
 
 def sample(shape=(1, 12, 20, 20)):

@@ -1,7 +1,8 @@
 """Intensity normalisation, and the record of it that a model folder keeps.
 
 CT: Hounsfield units clipped to a window, then z-scored (with statistics fitted on the training
-cases' foreground when :meth:`Preprocessing.fit` was called, as nnU-Net does, else per volume).
+cases when :meth:`Preprocessing.fit` was called — foreground percentiles as nnU-Net does, widened to at
+least the soft-tissue window — else per volume).
 MRI: z-score inside the non-zero region (BraTS skull-stripped volumes: zero stays zero). The grid
 is kept as it is (native orientation and spacing) and recorded so, so inference reproduces it.
 """
@@ -17,6 +18,8 @@ from MedTuningLib.errors import MedTuningError
 
 KINDS = ("CT", "MR")
 DEFAULT_CT_CLIP = (-1000.0, 1000.0)
+# The narrowest CT window fitted on training data (HU): the usual abdominal soft-tissue window.
+SOFT_TISSUE_WINDOW = (-160.0, 240.0)
 _MR_NAMES = ("MR", "MRI", "T1", "T2", "FLAIR", "PD", "ADC", "DWI", "T1C", "T1CE", "T1GD", "T2W", "T1W", "SWI")
 
 
@@ -81,27 +84,30 @@ class Preprocessing:
         return cls(modalities=list(modality_names), kinds=kinds)
 
     def fit(self, cases: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> "Preprocessing":
-        """Fit CT clipping and statistics on training cases: (image [C,D,H,W], class map or None) pairs.
+        """Fit the CT window and statistics on training cases: (image [C,D,H,W], class map or None) pairs.
 
-        The window is the 0.5–99.5 percentile of the foreground (labelled) voxels, as nnU-Net does for CT;
-        without labelled voxels the fixed window is kept. Only the first CT channel is used.
+        The window covers the 0.5–99.5 percentiles of the labelled voxels, as nnU-Net does, widened to
+        at least the soft-tissue window (-160, 240) HU: a window of the labelled structure alone (lungs:
+        about -930 to -290 HU) would flatten the anatomy around it (heart, vessels, chest wall) that a
+        model needs for context. Mean and standard deviation come from the clipped voxels of the whole
+        volumes. Without labelled voxels the fixed window is kept. Only the first CT channel is used.
         """
         if "CT" not in self.kinds:
             return self
         c = self.kinds.index("CT")
-        samples = []
+        foreground, everything = [], []
         for image, label in cases:
             channel = image[c]
+            everything.append(channel.ravel()[:: max(1, channel.size // 200_000)])
             values = channel[label > 0] if label is not None and label.any() else None
             if values is not None and values.size:
-                samples.append(values[:: max(1, values.size // 100_000)])
-        if samples:
-            values = np.concatenate(samples).astype(np.float64)
-            lo, hi = np.percentile(values, [0.5, 99.5])
-            if hi > lo:
-                self.ct_clip = (float(lo), float(hi))
-                clipped = np.clip(values, lo, hi)
-                self.ct_mean, self.ct_std = float(clipped.mean()), float(max(clipped.std(), 1e-6))
+                foreground.append(values[:: max(1, values.size // 100_000)])
+        if foreground:
+            lo, hi = np.percentile(np.concatenate(foreground).astype(np.float64), [0.5, 99.5])
+            lo, hi = min(float(lo), SOFT_TISSUE_WINDOW[0]), max(float(hi), SOFT_TISSUE_WINDOW[1])
+            self.ct_clip = (lo, hi)
+            clipped = np.clip(np.concatenate(everything).astype(np.float64), lo, hi)
+            self.ct_mean, self.ct_std = float(clipped.mean()), float(max(clipped.std(), 1e-6))
         return self
 
 
