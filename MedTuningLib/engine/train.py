@@ -426,10 +426,6 @@ class TrainingRun:
 
     # -- main -----------------------------------------------------------------------------------------
     def run(self) -> dict:
-        from MedTuningLib.cases import CaseLibrary
-        from MedTuningLib.data.cache import CaseCache
-        from MedTuningLib.data.preprocess import Preprocessing
-
         opts = self.opts
         device = resolve_device(opts.device, self.dist.local_rank)
         self.events.start(self.command, device=str(device), world_size=self.dist.world)
@@ -437,27 +433,38 @@ class TrainingRun:
             self._check_output()
         self.dist.setup(device)
         lock = None
+        created = self.dist.main and not self.work.exists()
         try:
             if self.dist.main:
                 ensure_writable_dir(self.out.parent, "output")
                 ensure_writable_dir(self.work, "model")
                 lock = FileLock(self.work / ".lock", "OUTPUT_LOCKED", "model folder").acquire()
             self.cancel.watch_dir = self.work
-            return self._run(device, CaseLibrary, CaseCache, Preprocessing)
+            return self._run(device)
+        except BaseException:
+            # A run that failed before its first resumable state leaves nothing behind.
+            if created and lock is not None and not (self.work / STATE_JSON).exists():
+                lock.release()
+                lock = None
+                shutil.rmtree(self.work, ignore_errors=True)
+            raise
         finally:
             if lock is not None:
                 lock.release()
             self.dist.teardown()
 
-    def _run(self, device, CaseLibrary, CaseCache, Preprocessing) -> dict:
+    def _run(self, device: torch.device) -> dict:
+        from MedTuningLib.cases import CaseLibrary
+        from MedTuningLib.data.cache import CaseCache
+        from MedTuningLib.data.preprocess import Preprocessing
+        from MedTuningLib.paths import medtuning_home
+
         opts, events = self.opts, self.events
         t_start = time.monotonic()
         library = CaseLibrary(opts.library)
         train_cases, val_cases, protocol = self._select_cases(library)
         scheme = make_scheme(opts, [c.label_path for c in train_cases + val_cases])
         modalities = list(train_cases[0].modalities)
-        from MedTuningLib.paths import medtuning_home
-
         cache = CaseCache(medtuning_home() / "cache") if self.dist.main else None
         total_cases = len(train_cases) + len(val_cases)
         events.progress("prepare", 0, total_cases)
