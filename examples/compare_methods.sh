@@ -17,7 +17,7 @@ if [ ! -f "$LIB/cases.json" ]; then
 fi
 for method in full head med_tuning; do
   [ -d "$OUT/$method" ] || $MT train --library "$LIB" --out "$OUT/$method" --task custom --labels "Spleen=1" \
-    --arch vit_upernet --backbone vit_tiny_patch16_224 --backbone-args depth=4,patch_size=8 --decoder-width 32 \
+    --arch vit_unet --backbone vit_tiny_patch16_224 --backbone-args depth=4,patch_size=8 --decoder-width 16 \
     --method $method --weights none --crop 16x128x128 --batch 2 --epochs 200 --steps-per-epoch 4 \
     --minutes "$MINUTES" --val-every 10 --device cpu --seed 0
 done

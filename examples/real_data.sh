@@ -10,9 +10,9 @@ OUT=${1:?usage: examples/real_data.sh OUT_DIR [MINUTES_PER_RUN]}
 MINUTES=${2:-4}
 DATA=../shared/data
 MT=".venv/bin/medtuning"
-# CPU-sized configuration: a 4-block ViT (width 192, 8-pixel patches) + UPerNet (width 32), Med-Tuning,
-# random base weights (no pretrained weights on this machine), 16x128x128 crops.
-MODEL=(--arch vit_upernet --backbone vit_tiny_patch16_224 --backbone-args depth=4,patch_size=8 --decoder-width 32
+# CPU-sized configuration (the demo's): a 4-block ViT-Tiny (width 192, 8-pixel patches) with the U-Net
+# style decoder (width 16), Med-Tuning, random base weights (no pretrained weights on this machine).
+MODEL=(--arch vit_unet --backbone vit_tiny_patch16_224 --backbone-args depth=4,patch_size=8 --decoder-width 16
        --method med_tuning --weights none --crop 16x128x128 --batch 2 --epochs 200 --steps-per-epoch 4
        --minutes "$MINUTES" --val-every 10 --device cpu --seed 0)
 mkdir -p "$OUT"
