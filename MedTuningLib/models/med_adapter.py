@@ -15,6 +15,7 @@ Global branch: 3D FFT over (D, H', W'), times a real per-depth-frequency weight,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from MedTuningLib.models.base import EncoderState, InsertedModule, from_volume, to_volume
@@ -33,7 +34,25 @@ class DepthwiseCascade(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """On a volume ``[B, C, D, H, W]`` (the literal formulation; the adapter uses :meth:`forward_tokens`)."""
         return self.act(self.norm(self.axial(self.spatial(x))))
+
+    def forward_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """The same on channels-last tokens ``[B, D, H, W, C]`` (contiguous), returned in that layout.
+
+        The separable depthwise 3D convs run as depthwise 2D convs on channels-last views (``1xkxk`` on
+        ``[B*D, C, H, W]``, ``kx1x1`` as ``kx1`` on ``[B, C, D, H*W]``): the same sums with the same weights,
+        several times faster on CPU than depthwise Conv3d, and no layout copies between token and volume.
+        """
+        b, d, h, w, c = t.shape
+        k = self.spatial.kernel_size[1]
+        pad = k // 2
+        y = F.conv2d(t.reshape(b * d, h, w, c).permute(0, 3, 1, 2), self.spatial.weight.squeeze(2),
+                     self.spatial.bias, padding=pad, groups=c)                       # [B*D, C, H, W]
+        y = y.permute(0, 2, 3, 1).reshape(b, d, h * w, c).permute(0, 3, 1, 2)      # [B, C, D, H*W]
+        y = F.conv2d(y, self.axial.weight.squeeze(-1), self.axial.bias, padding=(pad, 0), groups=c)
+        y = self.act(self.norm(y.unsqueeze(-1)))                                    # BatchNorm3d on [B, C, D, HW, 1]
+        return y.squeeze(-1).permute(0, 2, 3, 1).reshape(b, d, h, w, c)
 
 
 def resample_frequency_filter(values: torch.Tensor, length: int) -> torch.Tensor:
@@ -68,6 +87,7 @@ class FrequencyFilter(nn.Module):
         self.depth = depth
         self.weight = nn.Parameter(torch.ones(1, 1, depth, 1, 1))
         self.bias = nn.Parameter(torch.ones(1, 1, depth, 1, 1))
+        self._cached: tuple | None = None  # (key, operator, bias term) while the filter is not being trained
 
     def filters(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight and bias (each ``[length]``), resampled when ``length`` differs from the built depth."""
@@ -75,7 +95,50 @@ class FrequencyFilter(nn.Module):
         b = resample_frequency_filter(self.bias.reshape(-1).float(), length)
         return w, b
 
+    def depth_operator(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted term as a matrix along D, and the bias term.
+
+        ``ifft(fft(x) * w)`` along D is ``M @ x`` with the circulant ``M = F^-1 diag(w) F`` (D x D, complex);
+        returned as ``[Re M; Im M]`` (2D x D, float32) and ``ifft(b)`` as ``[2, D]`` (real, imaginary). With
+        D = 16 that is a tiny matmul instead of two complex FFTs, and it runs on the token layout as it is.
+        """
+        if not torch.is_grad_enabled():
+            # Inference: the operator is a constant of the weights; build it once, not once per window.
+            key = (length, self.weight.device, self.weight._version, self.bias._version,
+                   self.weight.data_ptr(), self.bias.data_ptr())
+            if self._cached is None or self._cached[0] != key:
+                with torch.inference_mode(False), torch.no_grad():
+                    self._cached = (key, *self._depth_operator(length))
+            return self._cached[1], self._cached[2]
+        self._cached = None
+        return self._depth_operator(length)
+
+    def _depth_operator(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w, b = self.filters(length)
+        eye = torch.eye(length, device=w.device, dtype=torch.complex64)
+        # M[:, j] = ifft(w * fft(e_j)); built through differentiable FFTs of the identity.
+        m = torch.fft.ifft(torch.fft.fft(eye, dim=0) * w.view(length, 1), dim=0)
+        bias_term = torch.fft.ifft(b.to(torch.complex64))
+        return torch.cat((m.real, m.imag), dim=0), torch.stack((bias_term.real, bias_term.imag))
+
+    def forward_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """The branch on channels-last tokens ``[B, D, H, W, C]``, returned in that layout (float32 inside)."""
+        b, d, h, w, c = t.shape
+        dtype = t.dtype
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            op, bias = self.depth_operator(d)
+            y = torch.matmul(op, t.reshape(b, d, h * w * c).float())                # [B, 2D, HWC]
+            # The bias term lives at spatial position (0, 0) only: the first C entries of every depth row.
+            y = y + F.pad(bias.reshape(2 * d, 1).expand(2 * d, c), (0, h * w * c - c))
+            mag = torch.complex(y[:, :d], y[:, d:]).abs()
+        return mag.reshape(b, d, h, w, c).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """On a volume ``[B, C, D, H, W]``."""
+        return self.forward_tokens(x.permute(0, 2, 3, 4, 1).contiguous()).permute(0, 4, 1, 2, 3)
+
+    def forward_fft(self, x: torch.Tensor) -> torch.Tensor:
+        """Factorised FFT form on a volume (1D FFT along D plus the bias at (0, 0)); kept for tests."""
         dtype = x.dtype
         length = x.shape[2]
         w, b = self.filters(length)
@@ -157,32 +220,75 @@ class MedAdapter(InsertedModule):
         return self.fusion != "none"
 
     def _aligned_previous(self, state: EncoderState, like: torch.Tensor) -> torch.Tensor:
+        """The previous stage's interaction, aligned to this stage, on tokens ``[B, D, H', W', h]``."""
         assert self.align is not None
         if state.interaction is None:
             # First stage: the "previous stage" is zeros (official code), so the aligned input is exactly
             # the conv's bias; the weight stays in the graph with the zero gradient a conv on zeros gives.
             bias = self.align.bias + 0.0 * self.align.weight.sum()
-            return bias.view(1, -1, 1, 1, 1).to(like.dtype).expand_as(like)
-        return self.align(state.interaction)
+            return bias.to(like.dtype).expand_as(like)
+        prev = state.interaction.permute(0, 2, 3, 4, 1)                 # [B, D, H, W, c] (a view)
+        weight = self.align.weight
+        if self.align_kind == "vit":                                     # 1x1x1 conv == a linear on tokens
+            return F.linear(prev, weight.flatten(1), self.align.bias)
+        if self.align_kind == "swin":                                    # (1,3,3) stride (1,2,2): a 2D conv per slice
+            b, d, h, w, c = prev.shape
+            y = F.conv2d(prev.reshape(b * d, h, w, c).permute(0, 3, 1, 2), weight.squeeze(2), self.align.bias,
+                         stride=2, padding=1)
+            return y.permute(0, 2, 3, 1).reshape(like.shape)
+        return self.align(state.interaction).permute(0, 2, 3, 4, 1)    # swin3d: a real 3D conv
 
     def forward(self, x: torch.Tensor, state: EncoderState) -> torch.Tensor:
+        shortcut = x
+        g = state.grid
+        # X' as channels-last tokens [B, D, H', W', h]: the volume [B, h, D, H', W'] is a view of it, and every
+        # branch works on this layout (DESIGN.md formulation, computed without layout copies).
+        z = self.act(self.down(x)).reshape(g.batch, g.depth, g.height, g.width, self.hidden)
+        m = None
+        if self.local3 is not None:
+            m = self.local3.forward_tokens(z) + self.local5.forward_tokens(z)
+        if self.global_branch is not None:
+            y = self.global_branch.forward_tokens(z)
+            m = y if m is None else m + y
+        if m is None:
+            m = torch.zeros_like(z)
+        if self.mix is not None:                                         # 1x1x1 conv == a linear on tokens
+            m = F.linear(m, self.mix.weight.flatten(1), self.mix.bias)
+        if self.fusion != "none":
+            prev = self._aligned_previous(state, m)
+            if self.fusion == "concat":
+                m = F.linear(torch.cat((m, prev), dim=-1), self.fuse.weight.flatten(1), self.fuse.bias)
+            elif self.fusion == "add":
+                m = m + prev
+            else:  # max
+                m = torch.maximum(m, prev)
+            state.interaction = m.permute(0, 4, 1, 2, 3)                # [B, h, D, H', W'] (a view)
+        out = (z + m).reshape(*x.shape[:-1], self.hidden)
+        return shortcut + self.act(self.up(out))
+
+    def forward_volume(self, x: torch.Tensor, state: EncoderState) -> torch.Tensor:
+        """The literal formulation on volumes (Conv3d, 3D FFT); :meth:`forward` computes the same. For tests."""
         shortcut = x
         v = to_volume(self.act(self.down(x)), state.grid)       # X' [B, h, D, H', W']
         branches = []
         if self.local3 is not None:
             branches += [self.local3(v), self.local5(v)]
         if self.global_branch is not None:
-            branches.append(self.global_branch(v))
+            gb = self.global_branch
+            branches.append(gb.reference(v) if isinstance(gb, FrequencyFilter) else gb(v))
         m = sum(branches) if branches else torch.zeros_like(v)
         if self.mix is not None:
             m = self.mix(m)
         if self.fusion != "none":
-            prev = self._aligned_previous(state, m)
+            if state.interaction is None:
+                prev = (self.align.bias + 0.0 * self.align.weight.sum()).view(1, -1, 1, 1, 1).to(m.dtype).expand_as(m)
+            else:
+                prev = self.align(state.interaction)
             if self.fusion == "concat":
                 m = self.fuse(torch.cat((m, prev), dim=1))
             elif self.fusion == "add":
                 m = m + prev
-            else:  # max
+            else:
                 m = torch.maximum(m, prev)
             state.interaction = m
         z = from_volume(v + m, x.shape)

@@ -1,0 +1,174 @@
+"""``medtuning bench infer``: seconds per volume, plain fp32 sliding window against the tuned path.
+
+- plain: what a straightforward PyTorch + MONAI user writes: ``torch.no_grad``, fp32, MONAI
+  ``sliding_window_inference`` with one window per call (Gaussian blending, the same overlap);
+- tuned: :func:`MedTuningLib.engine.infer.predict_probabilities`, the path ``segment`` / ``evaluate`` use
+  (``torch.inference_mode``, autocast in the device's precision with the matmul weights cast once instead of
+  once per window, several windows per forward, the adapter's per-volume constants computed once).
+
+The model is ``--model DIR`` (a trained model folder: its preprocessing, crop and label scheme are used) or,
+without it, one built from ``--arch`` with random base weights (timing only: the Dice of a random model means
+little). The volume is ``--image`` (real files, one per modality) or a synthetic one of ``--size``. The Dice
+difference is taken against ``--label`` when given (the scheme's regions, e.g. BraTS ET / TC / WT), else
+between the two paths' predictions (foreground classes).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+OVERLAP = 0.5  # the segment command's default overlap
+
+
+def plain_probabilities(model: torch.nn.Module, image: torch.Tensor, crop, device: torch.device,
+                        overlap: float = OVERLAP, on_window: Callable[[], None] | None = None) -> torch.Tensor:
+    """The plain fp32 path: ``[K, D, H, W]`` softmax probabilities."""
+    from monai.inferers import sliding_window_inference
+
+    model.eval()
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        if on_window is not None:
+            on_window()
+        return torch.softmax(model(x), dim=1)
+
+    with torch.no_grad():
+        inputs = image.unsqueeze(0).to(device=device, dtype=torch.float32)
+        probs = sliding_window_inference(inputs, roi_size=list(crop), sw_batch_size=1, predictor=predictor,
+                                         overlap=overlap, mode="gaussian")
+    return probs[0].float().cpu()
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    denom = int(a.sum()) + int(b.sum())
+    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
+
+
+def _load(args, device):
+    """(model, crop, image [C, D, H, W] float32, label classes or None, scheme or None, description)."""
+    from pathlib import Path
+
+    from MedTuningLib.errors import MedTuningError
+
+    label = None
+    scheme = None
+    if args.model is not None:
+        from MedTuningLib.engine.modelfolder import load_model_folder
+
+        loaded = load_model_folder(Path(args.model), device)
+        model, crop, scheme = loaded.model, tuple(loaded.crop), loaded.scheme
+        what = f"model folder {args.model} ({loaded.manifest['architecture']['arch']}, " \
+               f"{loaded.manifest['architecture'].get('backbone')})"
+        n_channels = len(loaded.modalities)
+    else:
+        from MedTuningLib.models import ModelConfig, build_model
+
+        crop = tuple(args.crop)
+        n_channels = len(args.image) if args.image else 4
+        cfg = ModelConfig(arch=args.arch, backbone=args.backbone, in_channels=n_channels, num_classes=4,
+                          img_size=crop[1], depth=crop[0])
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+        loaded = None
+        what = f"{args.arch} ({cfg.backbone_name}) with random base weights (timing only)"
+    if args.image:
+        from MedTuningLib.data.io import read_case_images
+
+        if len(args.image) != n_channels:
+            raise MedTuningError("MODALITY_COUNT_MISMATCH", f"the model expects {n_channels} image(s), "
+                                 f"{len(args.image)} were given", "pass one --image per modality")
+        array, reference = read_case_images([Path(p) for p in args.image])
+        if loaded is not None:
+            from MedTuningLib.data.preprocess import normalize_intensity
+
+            array = normalize_intensity(array, loaded.preprocessing)
+        else:  # z-score per channel
+            mean = array.mean(axis=(1, 2, 3), keepdims=True)
+            std = array.std(axis=(1, 2, 3), keepdims=True) + 1e-6
+            array = ((array - mean) / std).astype(np.float32)
+        if args.label is not None:
+            if scheme is None:
+                from MedTuningLib.data.labels import scheme_for_task
+
+                scheme = scheme_for_task("brats", source="brats2015")
+            from MedTuningLib.data.io import read_label
+
+            label = read_label(Path(args.label), reference, scheme, allow_empty=True)
+        volume = "x".join(str(s) for s in array.shape[1:]) + " from " + ", ".join(Path(p).name for p in args.image)
+    else:
+        size = tuple(args.size or (155, 240, 240))
+        rng = np.random.default_rng(0)
+        array = rng.standard_normal((n_channels, *size)).astype(np.float32)
+        volume = "x".join(str(s) for s in size) + " synthetic (random normal)"
+    return model, crop, np.ascontiguousarray(array, dtype=np.float32), label, scheme, what, volume
+
+
+def bench_infer(args, events, cancel=None) -> dict:
+    from MedTuningLib.engine.device import resolve_device, resolve_precision
+    from MedTuningLib.engine.infer import auto_sw_batch_size, predict_probabilities
+
+    device = resolve_device(args.device)
+    model, crop, array, label, scheme, what, volume = _load(args, device)
+    dtype = resolve_precision("auto", device)
+    image = torch.from_numpy(array)
+    check = cancel.check if cancel is not None else None
+    sw_batch = auto_sw_batch_size(device)
+    events.log(f"bench infer: {what}; volume {volume}; crop {'x'.join(map(str, crop))}, overlap {OVERLAP}")
+
+    # Warm-up (one-off kernel selection) with one window each, not timed.
+    warm = image[:, :crop[0], :crop[1], :crop[2]]
+    plain_probabilities(model, warm, crop, device)
+    predict_probabilities(model, warm, crop, device, dtype, overlap=OVERLAP)
+
+    times = {"plain": [], "tuned": []}
+    probs = {}
+    total = 2 * args.repeats
+    for r in range(args.repeats):
+        for path in ("plain", "tuned"):
+            events.progress("infer", len(times["plain"]) + len(times["tuned"]), total)
+            t0 = time.perf_counter()
+            if path == "plain":
+                p = plain_probabilities(model, image, crop, device, overlap=OVERLAP, on_window=check)
+            else:
+                p = predict_probabilities(model, image, crop, device, dtype, overlap=OVERLAP, on_window=check)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[path].append(time.perf_counter() - t0)
+            probs[path] = p.argmax(0).numpy().astype(np.uint8)
+            events.log(f"  {path}: {times[path][-1]:.1f} s")
+    events.progress("infer", total, total)
+
+    result: dict = {"model": what, "volume": volume, "crop": list(crop), "overlap": OVERLAP, "repeats": args.repeats,
+                    "device": str(device)}
+    settings = {"plain": "fp32, no_grad, 1 window per forward",
+                "tuned": f"{str(dtype or 'fp32').replace('torch.', '')} autocast, weights cast once, inference_mode, "
+                         f"{sw_batch} windows per forward"}
+    for path in ("plain", "tuned"):
+        result[path] = {"seconds": round(statistics.median(times[path]), 2), "all_s": [round(t, 2) for t in times[path]],
+                        "settings_text": settings[path]}
+    if label is not None:
+        for path in ("plain", "tuned"):
+            scores = {}
+            for region in scheme.regions:
+                pred_mask = scheme.region_masks(probs[path])[region.name]
+                ref_mask = scheme.region_masks(label)[region.name]
+                scores[region.name] = round(dice(pred_mask, ref_mask), 5)
+            result[path]["dice"] = scores
+            result[path]["dice_mean"] = round(float(np.mean(list(scores.values()))), 5)
+        result["dice_against"] = "label"
+        result["dice_difference_points"] = round(100 * (result["tuned"]["dice_mean"] - result["plain"]["dice_mean"]), 3)
+    else:
+        classes = sorted(set(np.unique(probs["plain"])) | set(np.unique(probs["tuned"])) - {0})
+        agreement = {int(k): round(dice(probs["plain"] == k, probs["tuned"] == k), 5) for k in classes}
+        mean = float(np.mean(list(agreement.values()))) if agreement else 1.0
+        result["agreement_dice"] = agreement
+        result["dice_against"] = "each other"
+        result["dice_difference_points"] = round(100 * (1.0 - mean), 3)
+    result["voxels_differing"] = int((probs["plain"] != probs["tuned"]).sum())
+    result["speedup"] = round(result["plain"]["seconds"] / result["tuned"]["seconds"], 2)
+    return result
