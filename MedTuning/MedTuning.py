@@ -367,7 +367,7 @@ class MedTuningLogic(ScriptedLoadableModuleLogic):
         import subprocess
 
         try:
-            done = subprocess.run(probe_argv(self.backendPython()), capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(probe_argv(self.backendPython()), capture_output=True, text=True, timeout=timeout, encoding="utf-8")
         except (OSError, subprocess.TimeoutExpired) as exc:
             return DependencyReport(problem=_("The backend Python could not be run: {error}").format(error=exc))
         return parse_probe_output(done.stdout, done.returncode, done.stderr)
@@ -391,7 +391,7 @@ class MedTuningLogic(ScriptedLoadableModuleLogic):
             report = self.checkDependencies()
         if report.missing_other:
             constraints = Path(self.newTempDir()) / "constraints.txt"
-            constraints.write_text(pip_constraints(report.packages))
+            constraints.write_text(pip_constraints(report.packages), encoding="utf-8")
             try:
                 slicer.util.pip_install(pip_install_args(report.missing_other, str(constraints)))
             finally:

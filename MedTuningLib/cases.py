@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from MedTuningLib import FORMAT_VERSION, __version__
 from MedTuningLib.errors import MedTuningError
-from MedTuningLib.fileio import FileLock, read_json, write_json_atomic
+from MedTuningLib.fileio import FileLock, ensure_writable_dir, read_json, write_json_atomic
 
 MANIFEST_NAME = "cases.json"
 LOCK_NAME = ".cases.lock"
@@ -266,9 +266,12 @@ class CaseLibrary:
             raise MedTuningError("INVALID_OPTION", "the case id is empty", "give a non-empty --id")
         # Check everything before touching the library: readable images on overlapping grids, a label on the grid.
         _, reference = read_case_images(images, log=log)
-        inspect_label(label, reference)
+        info = inspect_label(label, reference)
+        if info.empty_segments and log is not None:
+            log(f"{label.name}: segment(s) {', '.join(map(repr, info.empty_segments))} are empty (no voxels); "
+                "the case is added, but it teaches nothing about those structures")
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(self.root, "case library")
         with self._lock():
             cases = self._load()
             existing_modalities = cases[0].modalities if cases else None
@@ -293,6 +296,10 @@ class CaseLibrary:
                     case_id = f"{base}-{n}"
             cases_dir = self.root / CASES_DIR
             cases_dir.mkdir(exist_ok=True)
+            # Staging folders of adds that were killed: under the lock no add is running, so any
+            # one left is an orphan copy (never listed in the manifest) and can go.
+            for orphan in cases_dir.glob(".adding-*"):
+                shutil.rmtree(orphan, ignore_errors=True)
             folder_name, n = _slug(case_id), 1
             while (cases_dir / folder_name).exists():  # also skips folders left by an interrupted add
                 n += 1

@@ -288,10 +288,26 @@ def _command_module_name(args: argparse.Namespace) -> str:
     return {"cases": "cases", "bench": "bench"}.get(args.command, args.command)
 
 
+def _make_output_streams_safe(events_mode: str) -> None:
+    """The JSON-lines stream is UTF-8 whatever the locale (its readers decode UTF-8); human text
+    keeps the terminal's encoding but never crashes on a character it cannot show (C/ASCII locales)."""
+    for stream in (sys.stdout, sys.stderr):
+        if not hasattr(stream, "reconfigure"):  # replaced by a test harness or an embedding host
+            continue
+        try:
+            if events_mode == "jsonl" and stream is sys.stdout:
+                stream.reconfigure(encoding="utf-8", errors="strict")
+            else:
+                stream.reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):  # a stream that has been written to cannot change encoding
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one sub-command; returns the exit status (0, 2, 3 or 130)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     events_mode = "jsonl" if _wants_jsonl(argv) else "text"
+    _make_output_streams_safe(events_mode)
     rank = int(os.environ.get("RANK", "0"))
     events = EventStream(events_mode, enabled=(rank == 0))
     parser = build_parser()

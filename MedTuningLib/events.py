@@ -20,18 +20,35 @@ from MedTuningLib import __version__
 EVENT_KINDS = ("start", "progress", "metric", "log", "checkpoint", "error", "done")
 
 
+def _utf8_text(text: str) -> str:
+    """File names that are not valid UTF-8 reach Python as lone surrogates (surrogateescape);
+    a UTF-8 stream cannot carry those, so they become U+FFFD instead of crashing the writer."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:  # undo surrogateescape, then mark the undecodable bytes
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # other lone surrogates
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _json_safe(value: Any) -> Any:
-    """JSON has no NaN/Infinity: write them as null so every line stays valid JSON."""
+    """JSON has no NaN/Infinity: write them as null so every line stays valid JSON.
+    Strings are made encodable as UTF-8."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, str):
+        return _utf8_text(value)
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {_utf8_text(str(k)): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         return _json_safe(value.item())
     if hasattr(value, "__fspath__"):
-        return str(value)
+        return _utf8_text(str(value))
     return value
 
 

@@ -23,6 +23,19 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 
+def _not_writable(path: Path, what: str, exc: OSError | None) -> MedTuningError:
+    """OUTPUT_NOT_WRITABLE saying why: a part of the path that is a file, or the system's reason."""
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        reason = f"{blocker} is a file, not a folder"
+    else:
+        reason = (exc.strerror or str(exc)) if exc is not None else "permission denied"
+    return MedTuningError(
+        "OUTPUT_NOT_WRITABLE", f"cannot write the {what} folder {path}: {reason}",
+        "choose a folder you can write to (check permissions, free space, and that no part of the path is a file)",
+        path=str(path))
+
+
 def ensure_writable_dir(path: Path, what: str = "output") -> Path:
     """Create ``path`` (and parents) or raise OUTPUT_NOT_WRITABLE with a hint."""
     path = Path(path)
@@ -31,11 +44,52 @@ def ensure_writable_dir(path: Path, what: str = "output") -> Path:
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
         probe.close()
     except OSError as exc:
-        raise MedTuningError(
-            "OUTPUT_NOT_WRITABLE", f"cannot write the {what} folder {path}: {exc.strerror or exc}",
-            "choose a folder you can write to (check permissions, free space, and that no parent is a file)",
-            path=str(path)) from exc
+        raise _not_writable(path, what, exc) from exc
     return path
+
+
+def check_writable_dir(path: Path, what: str = "output") -> Path:
+    """Like :func:`ensure_writable_dir` but creates nothing: the folder, or the nearest part of it that
+    exists, must be a folder this process can write into (checked before a long run, so that a refusal
+    leaves no empty folders behind)."""
+    path = Path(path).absolute()
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise _not_writable(path, what, None)
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise _not_writable(path, what, exc) from exc
+    return path
+
+
+def is_pickle_file(path: Path) -> bool:
+    """Whether ``path`` holds a pickle (plain, or ``torch.save``'s zip archive) rather than safetensors.
+
+    Looks at bytes only; nothing is unpickled or imported. A safetensors file starts with the 8-byte
+    length of its JSON header followed by ``{`` — checked first, since that length's first byte may be
+    anything (0x80, pickle's PROTO opcode, included).
+    """
+    import pickletools
+    import struct
+
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+        if len(head) == 9 and head[8:9] == b"{":
+            size = os.fstat(fh.fileno()).st_size
+            if 0 < struct.unpack("<Q", head[:8])[0] <= size - 8:
+                return False  # a safetensors header
+        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+            return True  # torch.save's zip archive; pickle protocol 2+
+        fh.seek(0)
+        try:  # protocol 0 / 1: a well-formed opcode stream ending in STOP (parsed, never executed)
+            for opcode, _arg, _pos in pickletools.genops(fh):
+                if opcode.name == "STOP":
+                    return True
+        except Exception:  # noqa: BLE001 - not a pickle opcode stream
+            return False
+    return False
 
 
 @contextlib.contextmanager

@@ -130,12 +130,12 @@ def test_escape_paths_refused(tmp_path):
     library = tmp_path / "lib"
     library.mkdir()
     outside = tmp_path / "secret.nrrd"
-    outside.write_text("x")
+    outside.write_text("x", encoding="utf-8")
     (library / "link.nrrd").symlink_to(outside)
     for rel in ["../secret.nrrd", str(outside), "cases/../../secret.nrrd", "link.nrrd", ""]:
         manifest = {"format_version": 1, "cases": [{"id": "a", "images": {"CT": rel}, "label": "cases/a/l.nrrd",
                                                     "split": "train", "provenance": {}}]}
-        (library / MANIFEST_NAME).write_text(json.dumps(manifest))
+        (library / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
         with pytest.raises(MedTuningError) as info:
             CaseLibrary(library).cases()
         assert info.value.code == "PATH_ESCAPES_LIBRARY", rel
@@ -144,14 +144,14 @@ def test_escape_paths_refused(tmp_path):
 def test_broken_and_newer_manifests(cli, tmp_path):
     library = tmp_path / "lib"
     library.mkdir()
-    (library / MANIFEST_NAME).write_text("{ not json")
+    (library / MANIFEST_NAME).write_text("{ not json", encoding="utf-8")
     status, events = cli(["cases", "list", "--library", str(library)])
     assert status == 2 and error_code(events) == "LIBRARY_INVALID"
-    (library / MANIFEST_NAME).write_text(json.dumps({"format_version": FORMAT_VERSION + 1, "cases": []}))
+    (library / MANIFEST_NAME).write_text(json.dumps({"format_version": FORMAT_VERSION + 1, "cases": []}), encoding="utf-8")
     status, events = cli(["cases", "list", "--library", str(library)])
     assert error_code(events) == "LIBRARY_TOO_NEW"
     (library / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "cases": [
-        {"id": "a", "images": {"CT": "a.nrrd"}, "label": "l.nrrd", "split": "holdout"}]}))
+        {"id": "a", "images": {"CT": "a.nrrd"}, "label": "l.nrrd", "split": "holdout"}]}), encoding="utf-8")
     assert error_code(cli(["cases", "list", "--library", str(library)])[1]) == "LIBRARY_INVALID"
     status, events = cli(["cases", "list", "--library", str(tmp_path / "absent")])
     assert error_code(events) == "FILE_NOT_FOUND"
@@ -193,6 +193,18 @@ def test_interrupted_add_leaves_manifest_intact(chest_files, tmp_path, monkeypat
     assert [c.id for c in library.cases()] == ["one"]
     assert library.add([image], label, ["CT"], case_id="two").id == "two"  # the orphan folder is not reused
     assert len({c.label_path.parent for c in library.cases()}) == 2
+
+
+def test_staging_folder_of_a_killed_add_is_cleaned_by_the_next_add(chest_files, tmp_path):
+    image, label = chest_files
+    library = CaseLibrary(tmp_path / "lib")
+    library.add([image], label, ["CT"], case_id="one")
+    orphan = library.root / "cases" / ".adding-killed"  # what a kill during the copy leaves
+    orphan.mkdir()
+    (orphan / "ct.nrrd").write_bytes(b"half a copy")
+    library.add([image], label, ["CT"], case_id="two")
+    assert not orphan.exists()
+    assert [c.id for c in library.cases()] == ["one", "two"] and all(c.label_path.is_file() for c in library.cases())
 
 
 _text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20)

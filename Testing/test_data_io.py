@@ -91,7 +91,7 @@ def test_truncated_and_non_images(tmp_path):
     text.write_bytes(gzip.compress(b"these are not voxels"))
     assert code_of(read_image, text) == "FILE_UNREADABLE"
     other = tmp_path / "report.txt"
-    other.write_text("hello")
+    other.write_text("hello", encoding="utf-8")
     assert code_of(read_image, other) == "FILE_UNREADABLE"
     empty_dir = tmp_path / "empty folder"
     empty_dir.mkdir()

@@ -32,7 +32,7 @@ def test_brats_2015_labels_give_overlapping_et_tc_wt(shared_data, cli, tmp_path)
     status, events = cli(["train", "--library", str(library), "--out", str(model), "--task", "brats",
                           "--source-labels", "brats2015", "--crop", "16x128x128", *TINY])
     assert status == 0, events[-2:]
-    manifest = json.loads((model / "medtuning.json").read_text())
+    manifest = json.loads((model / "medtuning.json").read_text(encoding="utf-8"))
     assert manifest["modalities"] == ["FLAIR", "T1c"]
     assert [s["name"] for s in manifest["label_scheme"]["segments"]] == ["ET", "TC", "WT"]
     test_case = shared_data / "brats2015" / cases[2]
@@ -46,7 +46,7 @@ def test_brats_2015_labels_give_overlapping_et_tc_wt(shared_data, cli, tmp_path)
     assert seg["voxels"].ndim == 4
     status, events = cli(["evaluate", "--model", str(model), "--library", str(library), "--report", str(tmp_path / "r")])
     assert status == 0, events[-2:]
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    report = json.loads((tmp_path / "r" / "report.json").read_text(encoding="utf-8"))
     assert report["regions"] == ["ET", "TC", "WT"] and [c["id"] for c in report["cases"]] == [cases[2]]
     assert all(f"hd95/{r}" in report["cases"][0]["metrics"] for r in report["regions"])
 
@@ -62,11 +62,11 @@ def test_kidneys_on_abdominal_ct_with_a_held_out_slab(shared_data, cli, tmp_path
     status, events = cli(["train", "--library", str(library), "--out", str(model), "--labels", "Kidney=2,3",
                           "--crop", "16x64x64", *TINY])
     assert status == 0, events[-2:]
-    manifest = json.loads((model / "medtuning.json").read_text())
+    manifest = json.loads((model / "medtuning.json").read_text(encoding="utf-8"))
     assert manifest["preprocessing"]["kinds"] == ["CT"]
     status, events = cli(["evaluate", "--model", str(model), "--library", str(library), "--report", str(tmp_path / "r")])
     assert status == 0, events[-2:]
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    report = json.loads((tmp_path / "r" / "report.json").read_text(encoding="utf-8"))
     assert [c["id"] for c in report["cases"]] == ["held-out-slab"]
     assert 0.0 <= report["summary"]["dice/Kidney"]["mean"] <= 1.0
 

@@ -34,7 +34,7 @@ def test_train_writes_a_complete_model_folder(trained):
     assert (model / "medtuning.json").is_file() and (model / "weights.safetensors").is_file()
     assert not model.with_name("model.partial").exists()
     assert not any(p.name.startswith("state") for p in model.iterdir()), "resume state must not stay in the model"
-    manifest = json.loads((model / "medtuning.json").read_text())
+    manifest = json.loads((model / "medtuning.json").read_text(encoding="utf-8"))
     assert manifest["pretrained"] is False and manifest["base_weights"]["source"] == "none"
     assert manifest["stored"] == "full"  # a random base is not reproducible: the whole model is stored
     assert manifest["modalities"] == ["MR"]
@@ -50,7 +50,7 @@ def test_train_writes_a_complete_model_folder(trained):
 
 def test_curves_csv_and_png_match_the_final_events(trained):
     _, _, model, events = trained
-    csv_lines = (model / "curves.csv").read_text().strip().splitlines()
+    csv_lines = (model / "curves.csv").read_text(encoding="utf-8").strip().splitlines()
     header, last = csv_lines[0].split(","), csv_lines[-1].split(",")
     row = dict(zip(header, last))
     final_loss = [e for e in events if e["event"] == "metric" and e["name"] == "loss"][-1]
@@ -99,14 +99,14 @@ def test_evaluate_reports_dice_and_hd95(trained, cli):
     status, events = cli(["evaluate", "--model", str(model), "--library", str(library), "--split", "test",
                           "--report", str(report_dir), "--device", "cpu"])
     assert status == 0, events[-2:]
-    report = json.loads((report_dir / "report.json").read_text())
+    report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
     assert report["regions"] == ["Blob"] and len(report["cases"]) == 1
     dice = report["summary"]["dice/Blob"]["mean"]
     assert 0.5 < dice <= 1.0, dice  # a bright blob is learnt in a few steps
     assert report["summary"]["hd95/Blob"]["mean"] is not None
-    assert "| case1" not in (report_dir / "report.md").read_text()  # only test cases are scored
-    assert "case2" in (report_dir / "report.md").read_text()
-    html = (report_dir / "report.html").read_text()
+    assert "| case1" not in (report_dir / "report.md").read_text(encoding="utf-8")  # only test cases are scored
+    assert "case2" in (report_dir / "report.md").read_text(encoding="utf-8")
+    html = (report_dir / "report.html").read_text(encoding="utf-8")
     assert "images/" in html and any((report_dir / "images").iterdir())
 
 
@@ -116,7 +116,7 @@ def test_warm_start_from_a_model_folder(trained, cli):
     status, events = cli(["train", "--library", str(library), "--out", str(out), "--labels", "Blob=1", *TINY_TRAIN,
                           "--epochs", "1", "--steps-per-epoch", "1", "--init-from", str(model)])
     assert status == 0, events[-2:]
-    manifest = json.loads((out / "medtuning.json").read_text())
+    manifest = json.loads((out / "medtuning.json").read_text(encoding="utf-8"))
     assert manifest["training"]["init_from"] == str(model)
     first = [e for e in events if e["event"] == "metric" and e["name"] == "dice/Blob"][0]["value"]
     assert first > 0.3  # starts from the tuned model, not from scratch
@@ -149,7 +149,7 @@ def test_stop_file_cancels_and_resume_finishes_identically(tmp_path, cli):
         original(self, model, optimizer, state)
         calls["n"] += 1
         if state["epoch"] == 1:
-            (self.work / "STOP").write_text("")
+            (self.work / "STOP").write_text("", encoding="utf-8")
 
     train_module.TrainingRun._save_state = save_then_stop
     try:

@@ -145,7 +145,7 @@ def test_missing_and_incompatible_files(tmp_path):
         load_base_weights(model, save(wider, tmp_path / "wider.safetensors"))
     assert err.value.code == "WEIGHTS_INCOMPATIBLE"
     junk = tmp_path / "junk.safetensors"
-    junk.write_text("not a tensor file")
+    junk.write_text("not a tensor file", encoding="utf-8")
     with pytest.raises(MedTuningError) as err:
         load_base_weights(model, str(junk))
     assert err.value.code == "WEIGHTS_INCOMPATIBLE"

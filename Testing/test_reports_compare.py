@@ -38,7 +38,7 @@ def _model(folder: Path, method: str, tuned: int, inserted: int, dice: dict, hd9
     if evaluation:
         manifest["evaluation"] = {"split": "test", "regions": list(dice), "summary": summary,
                                   "cases": [{"id": "a"}, {"id": "b"}, {"id": "c"}]}
-    (folder / "medtuning.json").write_text(json.dumps(manifest))
+    (folder / "medtuning.json").write_text(json.dumps(manifest), encoding="utf-8")
     return folder
 
 
@@ -55,7 +55,7 @@ def three_models(tmp_path):
 
 
 def _csv_rows(path: Path) -> dict[str, dict[str, str]]:
-    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
     return {r["model"]: r for r in rows}
 
 
@@ -79,7 +79,7 @@ def test_compare_three_model_folders(cli, tmp_path, three_models):
     assert rows["med"]["metrics_source"] == "last evaluation: test (3 cases)"
     assert "dice/mean" not in rows["med"]  # only the evaluation's regions
 
-    md = (out / "compare.md").read_text()
+    md = (out / "compare.md").read_text(encoding="utf-8")
     header = next(line for line in md.splitlines() if line.startswith("| model"))
     assert "tuned params (M)" in header and "inserted params (M)" in header and "Dice kidney" in header
     assert "HD95 tumour (mm)" in header and "training time (min)" in header and "peak memory (MB)" in header
@@ -108,16 +108,16 @@ def test_compare_falls_back_to_training_figures_and_says_so(cli, tmp_path, three
     # a validation Dice is not ranked against a test Dice; parameters still are
     assert not any(k.startswith(("dice/", "hd95/")) for r in rows.values() for k in r["best"].split(";"))
     assert "tuned_params" in rows["scratch"]["best"] or "tuned_params" in rows["full"]["best"]
-    md = (tmp_path / "o" / "compare.md").read_text()
+    md = (tmp_path / "o" / "compare.md").read_text(encoding="utf-8")
     assert "**0.9100**" not in md and "not directly comparable" in md
 
 
 @pytest.mark.parametrize("damage, code", [
-    (lambda d: (d / "medtuning.json").write_text("{not json"), "MODEL_FOLDER_INVALID"),
+    (lambda d: (d / "medtuning.json").write_text("{not json", encoding="utf-8"), "MODEL_FOLDER_INVALID"),
     (lambda d: (d / "medtuning.json").unlink(), "MODEL_FOLDER_INVALID"),
-    (lambda d: (d / "medtuning.json").write_text("[1, 2]"), "MODEL_FOLDER_INVALID"),
-    (lambda d: (d / "medtuning.json").write_text('{"parameters": {"full": 1}}'), "MODEL_FOLDER_INVALID"),
-    (lambda d: (d / "medtuning.json").write_text('{"method": {"name": "full"}, "parameters": {"full": "x"}}'),
+    (lambda d: (d / "medtuning.json").write_text("[1, 2]", encoding="utf-8"), "MODEL_FOLDER_INVALID"),
+    (lambda d: (d / "medtuning.json").write_text('{"parameters": {"full": 1}}', encoding="utf-8"), "MODEL_FOLDER_INVALID"),
+    (lambda d: (d / "medtuning.json").write_text('{"method": {"name": "full"}, "parameters": {"full": "x"}}', encoding="utf-8"),
      "MODEL_FOLDER_INVALID"),
 ])
 def test_broken_model_folder_is_an_error_event(cli, three_models, damage, code):

@@ -31,7 +31,7 @@ def test_csv_last_values_equal_what_was_added_and_png_is_valid(tmp_path):
     last = _fill(curves, range(1, 8))
     csv_path, png_path = curves.write()
 
-    with open(csv_path, newline="") as fh:
+    with open(csv_path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0])[:3] == ["epoch", "train/loss", "train/lr"]
     assert [int(r["epoch"]) for r in rows] == list(range(1, 8))
@@ -104,6 +104,6 @@ def test_first_epoch_picture_without_validation(tmp_path):
 
 
 def test_foreign_csv_is_refused(tmp_path):
-    (tmp_path / "curves.csv").write_text("step,loss\n1,0.5\n")
+    (tmp_path / "curves.csv").write_text("step,loss\n1,0.5\n", encoding="utf-8")
     with pytest.raises(ValueError, match="epoch"):
         TrainingCurves.load(tmp_path)

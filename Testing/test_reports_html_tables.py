@@ -78,7 +78,7 @@ def test_html_report_references_existing_pictures_and_escapes_text(tmp_path):
 def test_html_report_without_summary_or_montages(tmp_path):
     report = _report(["a", "b"])
     del report["summary"]
-    text = write_html_report(tmp_path, report, {}).read_text()
+    text = write_html_report(tmp_path, report, {}).read_text(encoding="utf-8")
     assert "0.850 ± 0.050" in text  # mean ± sd computed from the cases
     assert "<img" not in text
 

@@ -100,7 +100,7 @@ def test_labelmap(chest, tmp_path):
 
 def test_output_not_writable(chest, tmp_path):
     blocker = tmp_path / "a file"
-    blocker.write_text("x")
+    blocker.write_text("x", encoding="utf-8")
     scheme = scheme_from_preset("kits")
     masks = scheme.output_masks(np.zeros(tuple(reversed(chest.GetSize())), np.uint8))
     with pytest.raises(MedTuningError) as info:

@@ -32,7 +32,7 @@ def test_different_non_latin_names_stay_different():
 
 
 def test_namer_unique_case_insensitive_and_respects_existing_files(tmp_path):
-    (tmp_path / "ct.nrrd").write_text("x")
+    (tmp_path / "ct.nrrd").write_text("x", encoding="utf-8")
     namer = ExportNamer(tmp_path)
     first = namer.path("CT")
     second = namer.path("ct")

@@ -25,7 +25,7 @@ def backend(*argv: str, **kwargs) -> BackendProcess:
 
 def script(tmp_path: Path, body: str) -> list[str]:
     path = tmp_path / "fake_backend.py"
-    path.write_text(textwrap.dedent(body))
+    path.write_text(textwrap.dedent(body), encoding="utf-8")
     return [PY, str(path)]
 
 
@@ -125,7 +125,7 @@ def wait_for_event(run: BackendProcess, kind: str, timeout: float = 60) -> dict:
 def test_cooperative_cancel_writes_stop_and_ends_cleanly(tmp_path):
     workdir = tmp_path / "model.partial"
     workdir.mkdir()
-    (workdir / "STOP").write_text("left over from an earlier cancel")
+    (workdir / "STOP").write_text("left over from an earlier cancel", encoding="utf-8")
     run = BackendProcess(script(tmp_path, COOPERATIVE), workdir=workdir, grace_s=30).start()
     child = wait_for_event(run, "start")["child"]  # a stale STOP was removed, or it would have stopped
     assert alive(child)
@@ -141,7 +141,7 @@ def test_stop_file_alone_is_honoured(tmp_path):
     workdir = tmp_path / "work"
     run = BackendProcess(script(tmp_path, COOPERATIVE), workdir=workdir).start()
     wait_for_event(run, "start")
-    (workdir / "STOP").write_text("")
+    (workdir / "STOP").write_text("", encoding="utf-8")
     assert run.wait(timeout=30) == 130 and run.state.outputs == {"why": "STOP file"}
 
 

@@ -53,7 +53,7 @@ def test_settings_round_trip_and_tolerance():
 def test_default_backend_python(tmp_path):
     (tmp_path / "bin").mkdir()
     exe = tmp_path / "bin" / ("PythonSlicer.exe" if sys.platform == "win32" else "PythonSlicer")
-    exe.write_text("")
+    exe.write_text("", encoding="utf-8")
     assert default_backend_python(str(tmp_path)) == str(exe)
     assert default_backend_python(str(tmp_path / "nowhere"))  # falls back to an interpreter
     assert BridgeSettings(backend_python="/custom/python").resolved_python() == "/custom/python"
@@ -65,7 +65,7 @@ def test_model_discovery(tmp_path):
     write_model(tmp_path / "unfinished.partial", KIDNEY)
     write_model(tmp_path / "no weights", KIDNEY, weights=False)
     (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "medtuning.json").write_text("{not json")
+    (tmp_path / "broken" / "medtuning.json").write_text("{not json", encoding="utf-8")
     (tmp_path / "not a model").mkdir()
     extra = write_model(tmp_path.parent / f"{tmp_path.name}-elsewhere" / "shared", KIDNEY)
     models = discover_models(tmp_path, extra=[extra])
@@ -98,16 +98,16 @@ def test_case_library_listing(tmp_path):
     (tmp_path / "cases.json").write_text(json.dumps({"format_version": 1, "cases": [
         {"id": "c1", "images": {"CT": "c1/CT.nrrd"}, "label": "c1/label.seg.nrrd", "split": "train",
          "provenance": {"kind": "correction", "added": "2025-01-01"}},
-        {"id": "c2", "images": ["c2/a.nrrd"], "label": "c2/l.nrrd", "provenance": "scene"}, "junk"]}))
+        {"id": "c2", "images": ["c2/a.nrrd"], "label": "c2/l.nrrd", "provenance": "scene"}, "junk"]}), encoding="utf-8")
     cases = read_case_library(tmp_path)
     assert [(c.case_id, c.split, c.provenance) for c in cases] == [("c1", "train", "correction"), ("c2", "train", "scene")]
     assert cases[0].images == {"CT": "c1/CT.nrrd"} and cases[1].images == {"0": "c2/a.nrrd"}
-    (tmp_path / "cases.json").write_text("{broken")
+    (tmp_path / "cases.json").write_text("{broken", encoding="utf-8")
     assert read_case_library(tmp_path) == []
 
 
 def test_dependency_probe_runs_in_a_real_interpreter():
-    done = subprocess.run(probe_argv(sys.executable), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(probe_argv(sys.executable), capture_output=True, text=True, timeout=300, encoding="utf-8")
     report = parse_probe_output(done.stdout, done.returncode, done.stderr)
     assert report.python == sys.version.split()[0] and not report.problem
     assert report.packages["torch"] and report.packages["slicerio"]  # this venv has them

@@ -125,7 +125,7 @@ def test_cmake_extension_fields():
     module = MODULE_CMAKE.read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule(" in module and "WITH_GENERIC_TESTS" in module
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module
-    testing = (ROOT / "MedTuning" / "Testing" / "Python" / "CMakeLists.txt").read_text()
+    testing = (ROOT / "MedTuning" / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
     for script in re.findall(r"SCRIPT (\S+\.py)", testing):
         assert (ROOT / "MedTuning" / "Testing" / "Python" / script).is_file()
 

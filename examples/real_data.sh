@@ -75,8 +75,8 @@ def fmt(s, key, digits):
 print("| data | protocol | region | Dice | HD95 (mm) | training |")
 print("|---|---|---|---|---|---|")
 for report in sorted(out.glob("*/report/report.json")):
-    r = json.loads(report.read_text())
-    m = json.loads((report.parent.parent / "model" / "medtuning.json").read_text())["training"]
+    r = json.loads(report.read_text(encoding="utf-8"))
+    m = json.loads((report.parent.parent / "model" / "medtuning.json").read_text(encoding="utf-8"))["training"]
     train = f"{m['epochs']} epochs, {m['seconds'] / 60:.1f} min"
     for region in r["regions"]:
         print(f"| {report.parent.parent.name} | test: {', '.join(c['id'] for c in r['cases'])} | {region} | "

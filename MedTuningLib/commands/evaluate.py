@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -14,9 +15,21 @@ def run(args, ctx) -> dict:
     ctx.events.start("evaluate", device=str(device))
     if os.environ.get("MEDTUNING_WORKDIR"):
         ctx.cancel.watch_dir = Path(os.environ["MEDTUNING_WORKDIR"])
-    report = evaluate_model(args.model, args.library, split=args.split, device=args.device, events=ctx.events,
-                            tta=args.tta, overlap=args.overlap, report_dir=args.report, weights=args.weights,
-                            precision=args.precision, cancel=ctx.cancel)
+    # A failed or cancelled evaluation leaves no report folder it created (nor a half-written report in it).
+    created = None
+    if args.report is not None:
+        from MedTuningLib.fileio import check_writable_dir
+
+        report_dir = check_writable_dir(Path(args.report), "report")
+        created = next((p for p in reversed([report_dir, *report_dir.parents]) if not p.exists()), None)
+    try:
+        report = evaluate_model(args.model, args.library, split=args.split, device=args.device, events=ctx.events,
+                                tta=args.tta, overlap=args.overlap, report_dir=args.report, weights=args.weights,
+                                precision=args.precision, cancel=ctx.cancel)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     if not ctx.events.jsonl:
         ctx.events.out.write(markdown_report(report))
     outputs = {"summary": {k: v["mean"] for k, v in report["summary"].items()}}

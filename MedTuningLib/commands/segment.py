@@ -22,7 +22,7 @@ def run(args, ctx) -> dict:
     from MedTuningLib.engine.device import resolve_device, resolve_precision
     from MedTuningLib.engine.infer import segment_images
     from MedTuningLib.engine.modelfolder import load_model_folder
-    from MedTuningLib.fileio import ensure_writable_dir
+    from MedTuningLib.fileio import check_writable_dir
     from MedTuningLib.segio import write_labelmap, write_segmentation
 
     events = ctx.events
@@ -34,7 +34,10 @@ def run(args, ctx) -> dict:
     for image in args.image:
         if not Path(image).exists():
             raise MedTuningError("FILE_NOT_FOUND", f"input image {image} does not exist", "check the --image path")
-    ensure_writable_dir(out.parent.absolute(), "output")
+    # Checked now, created only when the result is written: a refusal or failure leaves no empty folders.
+    check_writable_dir(out.parent.absolute(), "output")
+    if args.labelmap is not None:
+        check_writable_dir(Path(args.labelmap).parent.absolute(), "labelmap")
     if os.environ.get("MEDTUNING_WORKDIR"):
         ctx.cancel.watch_dir = Path(os.environ["MEDTUNING_WORKDIR"])
     events.progress("prepare", 0, 1)
@@ -44,10 +47,16 @@ def run(args, ctx) -> dict:
     result = segment_images(loaded, args.image, device, dtype, overlap=args.overlap, tta=args.tta,
                             min_component=args.min_component, log=events.log, on_window=ctx.cancel.check)
     events.progress("write", 0, 1)
+    existed = out.exists()
     write_segmentation(out, result.masks, result.reference, loaded.scheme)
     outputs = {"segmentation": str(out)}
     if args.labelmap is not None:
-        write_labelmap(args.labelmap, result.class_map, result.reference)
+        try:
+            write_labelmap(args.labelmap, result.class_map, result.reference)
+        except BaseException:
+            if not existed:  # both results or neither
+                out.unlink(missing_ok=True)
+            raise
         outputs["labelmap"] = str(args.labelmap)
     events.progress("write", 1, 1)
     voxels = {name: int(mask.sum()) for name, mask in result.masks.items()}

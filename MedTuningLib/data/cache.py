@@ -26,7 +26,14 @@ def _file_identity(path: Path, hash_files: bool) -> dict[str, Any]:
     if path.is_dir():  # DICOM folder: every file in it
         return {"path": str(path.resolve()),
                 "files": [_file_identity(p, hash_files) for p in sorted(path.iterdir()) if p.is_file()]}
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except FileNotFoundError as exc:
+        from MedTuningLib.errors import MedTuningError
+
+        raise MedTuningError("FILE_NOT_FOUND", f"the file {path} does not exist",
+                             "check the path; for a case of a library, add the case again with 'medtuning cases add' "
+                             "or remove it with 'medtuning cases remove'", path=str(path)) from exc
     entry: dict[str, Any] = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if hash_files:
         entry["sha256"] = sha256_file(path)

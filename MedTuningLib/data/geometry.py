@@ -69,16 +69,24 @@ def grid_differences(a: Grid, b: Grid, tol: float = GRID_TOLERANCE) -> list[str]
     """Which of size / spacing / origin / direction differ between two grids (empty: same grid)."""
     diffs = []
     if tuple(a.size) != tuple(b.size):
-        diffs.append(f"size {tuple(a.size)} vs {tuple(b.size)}")
+        diffs.append(f"size {_show(a.size)} vs {_show(b.size)}")
     sa, sb = np.asarray(a.spacing), np.asarray(b.spacing)
     if not np.allclose(sa, sb, rtol=tol, atol=0):
-        diffs.append(f"spacing {tuple(np.round(sa, 6))} vs {tuple(np.round(sb, 6))}")
+        diffs.append(f"spacing {_show(sa, 6)} vs {_show(sb, 6)}")
     # Origins are compared relative to the voxel size: 1e-4 of a voxel is far below any visible shift.
     if np.any(np.abs(np.asarray(a.origin) - np.asarray(b.origin)) > tol * max(float(sa.min()), 1e-12)):
-        diffs.append(f"origin {tuple(np.round(a.origin, 4))} vs {tuple(np.round(b.origin, 4))}")
+        diffs.append(f"origin {_show(a.origin, 4)} vs {_show(b.origin, 4)}")
     if not np.allclose(a.direction_matrix, b.direction_matrix, rtol=0, atol=tol):
-        diffs.append(f"direction {tuple(np.round(a.direction, 4))} vs {tuple(np.round(b.direction, 4))}")
+        diffs.append(f"direction {_show(a.direction, 4)} vs {_show(b.direction, 4)}")
     return diffs
+
+
+def _show(values, digits: int | None = None) -> str:
+    """``(1.0, 0.5, 2.0)`` for messages: plain numbers (NumPy 2 would write ``np.float64(1.0)``).
+    Without ``digits`` the values are sizes, written as integers."""
+    if digits is None:
+        return "(" + ", ".join(str(int(v)) for v in values) + ")"
+    return "(" + ", ".join(repr(round(float(v), digits) + 0.0) for v in values) + ")"  # + 0.0: no "-0.0"
 
 
 def same_grid(a: Grid, b: Grid, tol: float = GRID_TOLERANCE) -> bool:
@@ -172,7 +180,7 @@ def check_anisotropy(image: sitk.Image, name: str = "image", limit: float = MAX_
     ratio = float(spacing.max() / max(spacing.min(), 1e-12))
     if ratio > limit:
         raise MedTuningError(
-            "EXTREME_ANISOTROPY", f"the {name} has voxel spacing {tuple(np.round(spacing, 4))} "
+            "EXTREME_ANISOTROPY", f"the {name} has voxel spacing {_show(spacing, 4)} "
             f"(ratio {ratio:.0f}:1, more than {limit:.0f}:1)",
             "resample the volume to a less anisotropic spacing, or check that the spacing in its header is "
             "right", ratio=round(ratio, 2))

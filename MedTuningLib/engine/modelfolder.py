@@ -42,10 +42,11 @@ def now_iso() -> str:
 
 
 def _looks_like_pickle(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    # torch.save writes a zip archive ("PK"); plain pickles start with the PROTO opcode 0x80.
-    return head[:2] == b"PK" or head[:1] == b"\x80"
+    # torch.save writes a zip archive, plain pickles start with the PROTO opcode 0x80 (protocol 2+) or are
+    # an opcode stream (0 / 1). A safetensors header length may start with 0x80 too: fileio tells them apart.
+    from MedTuningLib.fileio import is_pickle_file
+
+    return is_pickle_file(path)
 
 
 def load_safetensors(path: Path, what: str = "weights file") -> dict[str, torch.Tensor]:
@@ -100,6 +101,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise MedTuningError("FILE_NOT_FOUND", f"model folder {folder} does not exist",
                              "give the folder that holds medtuning.json (see 'medtuning info')")
+    if not (folder / MANIFEST_NAME).is_file():
+        raise MedTuningError("MODEL_FOLDER_INVALID", f"{folder} has no {MANIFEST_NAME}: it is not a MedTuning model "
+                             "folder, or an incomplete copy of one",
+                             "give the folder that holds medtuning.json and weights.safetensors (a folder written by "
+                             "'medtuning train'), or copy it again")
     manifest = read_json(folder / MANIFEST_NAME, "MODEL_FOLDER_INVALID", "model description")
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise MedTuningError("MODEL_FOLDER_INVALID", f"{folder / MANIFEST_NAME} is not a MedTuning model description",

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from MedTuningLib.cancel import CancelToken
-from MedTuningLib.engine.device import autocast, peak_memory_mb, resolve_device, resolve_precision
+from MedTuningLib.engine.device import (autocast, peak_memory_mb, resolve_checkpointing, resolve_device,
+                                        resolve_precision)
+from MedTuningLib.models.base import compact_frozen_weights
 from MedTuningLib.engine.modelfolder import (load_model_folder, load_safetensors, now_iso, save_safetensors,
                                              weights_to_store, write_model_folder)
 from MedTuningLib.errors import Cancelled, MedTuningError
@@ -490,9 +492,13 @@ class TrainingRun:
         else:
             crop = tuple(opts.crop)
         dtype = resolve_precision(opts.precision, device)
-        checkpointing = opts.checkpointing == "on" or (opts.checkpointing == "auto" and device.type == "cuda")
+        checkpointing = resolve_checkpointing(opts.checkpointing, device, model)
         model.set_activation_checkpointing(checkpointing)
         model.to(device)
+        compact_frozen_weights(model, dtype)  # frozen matmul weights in the autocast dtype (same results, less memory)
+        from MedTuningLib.engine.resources import check_memory
+
+        check_memory(model, crop, opts.batch, device, checkpointing, dtype)  # MEMORY_ESTIMATE_TOO_LARGE before any step
         tuned = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(tuned, lr=opts.lr, weight_decay=opts.weight_decay, amsgrad=True)
         report = model.param_report()
@@ -602,8 +608,13 @@ class TrainingRun:
         except Cancelled as exc:
             exc.outputs = {"partial": str(self.work)}  # type: ignore[attr-defined]
             raise
-        except torch.cuda.OutOfMemoryError as exc:
-            raise MedTuningError("OUT_OF_MEMORY", f"the GPU ran out of memory at crop {crop} and batch {opts.batch}",
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError ("... can't allocate memory").
+            if not isinstance(exc, torch.cuda.OutOfMemoryError) and not any(
+                    text in str(exc) for text in ("out of memory", "can't allocate memory", "not enough memory")):
+                raise
+            where = "GPU" if device.type == "cuda" else "computer"
+            raise MedTuningError("OUT_OF_MEMORY", f"the {where} ran out of memory at crop {crop} and batch {opts.batch}",
                                  "use a smaller --batch or --crop, or --checkpointing on; the run is resumable "
                                  "with --resume after that") from exc
 
@@ -696,10 +707,6 @@ class TrainingRun:
         }
         write_model_folder(self.work, model, manifest, tensors)
         self.curves.write()
-        # The resume state, cache and lock are working files, not part of the model.
-        for path in list(self.work.iterdir()):
-            if path.name.startswith("state") or path.name in (BEST_WEIGHTS, "cache", "STOP"):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
         old = None
         if self.out.exists() and opts.force:
             old = self.out.with_name(self.out.name + ".old")
@@ -708,6 +715,11 @@ class TrainingRun:
             os.replace(self.out, old)
         (self.work / ".lock").unlink(missing_ok=True)
         publish_dir(self.work, self.out)
+        # The resume state and cache are working files, not part of the model. They go only after
+        # the model is published: a kill before this point leaves a resumable run, after it a model.
+        for path in list(self.out.iterdir()):
+            if path.name.startswith("state") or path.name in (BEST_WEIGHTS, "cache", "STOP"):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         events.checkpoint(str(self.out), epochs_done, best=True)

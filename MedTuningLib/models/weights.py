@@ -60,11 +60,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from MedTuningLib.fileio import is_pickle_file
+
     name = path.name.lower()
-    with open(path, "rb") as f:
-        head = f.read(8)
-    looks_pickled = head[:2] == b"PK" or head[:1] == b"\x80"
-    if name.endswith(PICKLE_SUFFIXES) or looks_pickled:
+    if name.endswith(PICKLE_SUFFIXES) or is_pickle_file(path):
         raise MedTuningError(
             "UNSAFE_FILE", f"{path} is a pickle-based checkpoint; MedTuning never unpickles files",
             "convert it once where you trust it: python -c \"import torch, safetensors.torch as s; "

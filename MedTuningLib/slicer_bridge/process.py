@@ -246,7 +246,7 @@ class BackendProcess:
         if self.workdir is not None:
             try:
                 self.workdir.mkdir(parents=True, exist_ok=True)
-                (self.workdir / STOP_FILE_NAME).write_text("stop requested by MedTuning (3D Slicer)\n")
+                (self.workdir / STOP_FILE_NAME).write_text("stop requested by MedTuning (3D Slicer)\n", encoding="utf-8")
             except OSError:
                 pass  # the signal still asks; the kill follows after the grace period
         if sys.platform != "win32" and self._proc.poll() is None:
