@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--library", type=Path, required=True)
     p.add_argument("--split", choices=SPLITS + ("all",), default="test")
     p.add_argument("--report", type=Path, default=None, help="folder for report.json / report.md / report.html")
+    p.add_argument("--force", action="store_true", help="replace an earlier report in --report")
     p.add_argument("--tta", action="store_true")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--weights", default=None)
@@ -279,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--library", type=Path, default=None, help="evaluate the models on this library's test split")
     p.add_argument("--split", choices=SPLITS + ("all",), default="test")
     p.add_argument("--out", type=Path, default=None, help="folder for compare.md / compare.csv")
+    p.add_argument("--force", action="store_true", help="replace an earlier comparison in --out")
     p.add_argument("--device", choices=DEVICES, default="auto")
     _add_common(p)
     return parser

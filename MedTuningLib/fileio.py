@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from MedTuningLib.errors import MedTuningError
 
@@ -215,3 +215,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20, progress: Callable[[int], None
             if progress:
                 progress(len(block))
     return digest.hexdigest()
+
+
+def refuse_to_replace(folder: Path, names: Sequence[str], what: str, force: bool) -> None:
+    """OUTPUT_EXISTS when ``folder`` already holds one of ``names`` (an earlier report) and not ``force``."""
+    existing = [name for name in names if (folder / name).exists()]
+    if existing and not force:
+        raise MedTuningError("OUTPUT_EXISTS", f"{folder} already holds an earlier {what} ({', '.join(existing)})",
+                             "pass --force to replace it, or choose another folder", path=str(folder))

@@ -108,6 +108,10 @@ def test_evaluate_reports_dice_and_hd95(trained, cli):
     assert "case2" in (report_dir / "report.md").read_text(encoding="utf-8")
     html = (report_dir / "report.html").read_text(encoding="utf-8")
     assert "images/" in html and any((report_dir / "images").iterdir())
+    before = (report_dir / "report.json").read_bytes()
+    status, events = cli(["evaluate", "--model", str(model), "--library", str(library), "--report", str(report_dir)])
+    assert status == 2 and events[-1]["code"] == "OUTPUT_EXISTS"  # an earlier report is not replaced silently
+    assert (report_dir / "report.json").read_bytes() == before
 
 
 def test_warm_start_from_a_model_folder(trained, cli):

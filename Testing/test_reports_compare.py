@@ -87,6 +87,14 @@ def test_compare_three_model_folders(cli, tmp_path, three_models):
     assert "**0.9300**" in med_line and "7.489" in med_line and "0.738" in med_line
     assert not list(out.glob(".*tmp*"))
 
+    # an earlier comparison is never replaced silently
+    before = (out / "compare.md").read_bytes()
+    status, events = cli(["compare", str(three_models[0]), str(three_models[1]), "--out", str(out)])
+    assert status == 2 and events[-1]["code"] == "OUTPUT_EXISTS" and "--force" in events[-1]["hint"]
+    assert (out / "compare.md").read_bytes() == before
+    status, events = cli(["compare", str(three_models[0]), str(three_models[1]), "--out", str(out), "--force"])
+    assert status == 0 and (out / "compare.md").read_bytes() != before
+
 
 def test_compare_text_mode_prints_markdown(tmp_path, three_models, capsys):
     assert main(["compare", *map(str, three_models)]) == 0

@@ -139,3 +139,26 @@ def test_zoom_to_a_small_region_keeps_it_centred(tmp_path, synthetic):
         assert len(found) > 200, view
         # the region now fills the middle of every panel
         assert np.allclose(found.mean(axis=0), (0.5, 0.5), atol=0.08), (view, found.mean(axis=0))
+
+
+def test_ras_stored_volumes_are_turned_to_the_radiological_order():
+    """A NIfTI stored RAS (x towards the patient's right, y anterior) and permuted is drawn like an LPS volume."""
+    import SimpleITK as sitk
+
+    from MedTuningLib.reports.montage import to_lps_arrays
+
+    shape = (4, 5, 6)  # [D, H, W]
+    reference = sitk.Image(shape[2], shape[1], shape[0], sitk.sitkFloat32)
+    reference.SetSpacing((0.8, 1.0, 3.0))
+    reference.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # RAS in ITK's LPS world
+    grey = np.zeros(shape, np.float32)
+    grey[1, 0, 0] = 7.0  # the voxel nearest the patient's right and front
+    mask = grey > 0
+    (oriented_grey, oriented_mask, missing), spacing = to_lps_arrays(reference, grey, mask, None)
+    assert missing is None and oriented_mask.dtype == bool
+    assert spacing == (3.0, 1.0, 0.8)
+    assert oriented_grey[1, 4, 5] == 7.0 and oriented_mask[1, 4, 5] and oriented_mask.sum() == 1
+    # an already LPS volume is left as it is
+    reference.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    (same,), _ = to_lps_arrays(reference, grey)
+    assert np.array_equal(same, grey)

@@ -21,4 +21,4 @@ for method in full head med_tuning; do
     --method $method --weights none --crop 16x128x128 --batch 2 --epochs 200 --steps-per-epoch 4 \
     --minutes "$MINUTES" --val-every 10 --device cpu --seed 0
 done
-$MT compare "$OUT/full" "$OUT/head" "$OUT/med_tuning" --library "$LIB" --split test --out "$OUT/compare"
+$MT compare "$OUT/full" "$OUT/head" "$OUT/med_tuning" --library "$LIB" --split test --out "$OUT/compare" --force

@@ -33,7 +33,7 @@ for test in 0 1 2; do
   [ -d "$OUT/brats-fold$test/model" ] || \
     $MT train --library "$LIB" --out "$OUT/brats-fold$test/model" --task brats --source-labels brats2015 \
       "${MODEL[@]}"
-  $MT evaluate --model "$OUT/brats-fold$test/model" --library "$LIB" --split test --report "$OUT/brats-fold$test/report"
+  $MT evaluate --model "$OUT/brats-fold$test/model" --library "$LIB" --split test --report "$OUT/brats-fold$test/report" --force
 done
 
 # --- kidneys on the abdominal CT (TotalSegmentator labels 2, 3): slab 0:86 trains, 86:112 is held out ---
@@ -46,7 +46,7 @@ if [ ! -f "$LIB/cases.json" ]; then
 fi
 [ -d "$OUT/kidney-ct/model" ] || \
   $MT train --library "$LIB" --out "$OUT/kidney-ct/model" --task custom --labels "Kidney=2,3" "${MODEL[@]}"
-$MT evaluate --model "$OUT/kidney-ct/model" --library "$LIB" --split test --report "$OUT/kidney-ct/report"
+$MT evaluate --model "$OUT/kidney-ct/model" --library "$LIB" --split test --report "$OUT/kidney-ct/report" --force
 
 # --- spleen CT (MSD Task09, hand-drawn): slab 0:16 trains, 16:26 is held out ----------------------------
 LIB="$OUT/spleen-ct/library"
@@ -58,7 +58,7 @@ if [ ! -f "$LIB/cases.json" ]; then
 fi
 [ -d "$OUT/spleen-ct/model" ] || \
   $MT train --library "$LIB" --out "$OUT/spleen-ct/model" --task custom --labels "Spleen=1" "${MODEL[@]}"
-$MT evaluate --model "$OUT/spleen-ct/model" --library "$LIB" --split test --report "$OUT/spleen-ct/report"
+$MT evaluate --model "$OUT/spleen-ct/model" --library "$LIB" --split test --report "$OUT/spleen-ct/report" --force
 
 # --- one segmentation written for 3D Slicer --------------------------------------------------------------
 $MT segment --model "$OUT/spleen-ct/model" --image "$DATA/spleen-ct/ct.nii.gz" --out "$OUT/spleen-ct/spleen.seg.nrrd" --force

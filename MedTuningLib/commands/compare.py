@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from MedTuningLib.errors import MedTuningError
-from MedTuningLib.fileio import ensure_writable_dir, read_json, write_bytes_atomic, write_json_atomic
+from MedTuningLib.fileio import (ensure_writable_dir, read_json, refuse_to_replace, write_bytes_atomic,
+                                 write_json_atomic)
 from MedTuningLib.reports.tables import Column, comparison_table
 
 MANIFEST = "medtuning.json"
@@ -221,6 +222,9 @@ def _evaluate(models: list[ModelSummary], args, ctx) -> None:
 def run(args, ctx) -> dict:
     """Build the comparison table; print it (text mode) and write it under ``--out``."""
     ctx.events.start("compare", device=args.device if args.library is not None else None)
+    if args.out is not None and Path(args.out).is_dir():  # refused before minutes of evaluation, not after
+        refuse_to_replace(Path(args.out), ("compare.md", "compare.csv", "compare.json"), "comparison",
+                          getattr(args, "force", False))
     models = [read_model_summary(Path(folder)) for folder in args.models]
     if args.library is not None:
         _evaluate(models, args, ctx)

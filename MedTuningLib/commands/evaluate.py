@@ -18,9 +18,11 @@ def run(args, ctx) -> dict:
     # A failed or cancelled evaluation leaves no report folder it created (nor a half-written report in it).
     created = None
     if args.report is not None:
-        from MedTuningLib.fileio import check_writable_dir
+        from MedTuningLib.fileio import check_writable_dir, refuse_to_replace
 
         report_dir = check_writable_dir(Path(args.report), "report")
+        refuse_to_replace(report_dir, ("report.json", "report.md", "report.html"), "evaluation report",
+                          getattr(args, "force", False))
         created = next((p for p in reversed([report_dir, *report_dir.parents]) if not p.exists()), None)
     try:
         report = evaluate_model(args.model, args.library, split=args.split, device=args.device, events=ctx.events,

@@ -142,7 +142,7 @@ def evaluate_model(model_dir: Path, library: Path, split: str = "test", device: 
             if value is not None:
                 events.metric("evaluate", name, value, case=case.id)
         if report_dir is not None and montages:
-            pictures[case.id] = _case_montages(Path(report_dir), case, result, reference_classes, loaded.scheme, spacing)
+            pictures[case.id] = _case_montages(Path(report_dir), case, result, reference_classes, loaded.scheme)
     events.progress("infer", len(cases), len(cases))
     regions = [r.name for r in loaded.scheme.regions] + (["composite"] if getattr(loaded.scheme, "composite", None) else [])
     report = {"model": str(Path(model_dir)), "library": str(Path(library)), "split": split, "regions": regions,
@@ -154,20 +154,23 @@ def evaluate_model(model_dir: Path, library: Path, split: str = "test", device: 
     return report
 
 
-def _case_montages(report_dir: Path, case, result, reference_classes, scheme, spacing) -> dict[str, str]:
+def _case_montages(report_dir: Path, case, result, reference_classes, scheme) -> dict[str, str]:
     """One overlay montage per region for the HTML report; returns region -> relative PNG path."""
     from MedTuningLib.data.io import read_case_images
-    from MedTuningLib.reports.montage import region_montage
+    from MedTuningLib.reports.montage import region_montage, to_lps_arrays
 
-    image, _ = read_case_images(case.image_paths)
+    image, reference_image = read_case_images(case.image_paths)
     pred_regions = scheme.region_masks(result.class_map)
     ref_regions = scheme.region_masks(reference_classes)
     colors = {s.name: tuple(s.color) for s in scheme.segments}
     out = {}
     for region in scheme.regions:
         name = f"{_safe(case.id)}_{_safe(region.name)}.png"
-        region_montage(image[0], pred_regions[region.name], ref_regions[region.name],
-                       colors.get(region.name, (1.0, 0.8, 0.0)), spacing, report_dir / "images" / name,
+        # Drawn in the radiological convention whatever the file's axis order (RAS NIfTI included).
+        (grey, predicted, reference), lps_spacing = to_lps_arrays(
+            reference_image, image[0], pred_regions[region.name], ref_regions[region.name])
+        region_montage(grey, predicted, reference,
+                       colors.get(region.name, (1.0, 0.8, 0.0)), lps_spacing, report_dir / "images" / name,
                        title=f"{case.id} – {region.name}")
         out[region.name] = f"images/{name}"
     return out

@@ -2,7 +2,8 @@
 
 Arrays are in SimpleITK / NumPy order ``[D, H, W]`` = ``(z, y, x)`` with spacing ``(sz, sy, sx)`` in
 mm (``sitk.GetArrayFromImage`` and ``image.GetSpacing()[::-1]``). The panels are shown in the
-radiological convention for an LPS-ordered volume (as DICOM and NRRD volumes usually are):
+radiological convention for an LPS-ordered volume (as DICOM and NRRD volumes usually are;
+``to_lps_arrays`` turns volumes stored otherwise, e.g. RAS NIfTI, into that order first):
 
 - axial ``image[k]``: rows = y (anterior at the top), columns = x (patient's left on the viewer's right);
 - coronal ``image[:, j, :]``: rows = z (superior at the top), columns = x;
@@ -66,6 +67,31 @@ def _window(image: np.ndarray) -> tuple[float, float]:
         if not hi > lo:
             hi = lo + 1.0
     return float(lo), float(hi)
+
+
+def to_lps_arrays(reference: "sitk.Image", *volumes: np.ndarray | None
+                  ) -> tuple[list[np.ndarray | None], tuple[float, float, float]]:
+    """Volumes ``[D, H, W]`` on ``reference``'s grid, reordered and flipped so that their axes run
+    towards patient Left, Posterior, Superior (SimpleITK's DICOMOrient), with the matching spacing
+    ``(sz, sy, sx)``: a RAS-stored NIfTI is then drawn the way DICOM / NRRD volumes are.
+    ``None`` entries stay ``None``."""
+    import SimpleITK as sitk
+
+    oriented: list[np.ndarray | None] = []
+    spacing = tuple(float(v) for v in reversed(reference.GetSpacing()))
+    for volume in volumes:
+        if volume is None:
+            oriented.append(None)
+            continue
+        array = np.asarray(volume)
+        is_mask = array.dtype == bool
+        image = sitk.GetImageFromArray(array.astype(np.uint8) if is_mask else array)
+        image.CopyInformation(reference)
+        image = sitk.DICOMOrient(image, "LPS")
+        spacing = tuple(float(v) for v in reversed(image.GetSpacing()))
+        result = sitk.GetArrayFromImage(image)
+        oriented.append(result.astype(bool) if is_mask else result)
+    return oriented, spacing
 
 
 def _views(volume: np.ndarray, k: int, j: int, i: int) -> dict[str, np.ndarray]:
