@@ -251,3 +251,35 @@ def test_every_stdout_line_is_json_for_refusals_and_text_mode_keeps_stdout_clean
                        (["cases", "list", "--library", str(tmp_path / "nowhere")], "FILE_NOT_FOUND")):
         status, events = run_backend(argv)
         assert status == 2 and events[-1]["event"] == "error" and events[-1]["code"] == code, events
+
+
+def test_an_ascii_locale_still_gives_utf8_json_lines_and_readable_text(tmp_path):
+    """Some machines (CI among them) run Python with an ASCII locale: the event stream stays UTF-8 JSON and
+    human text never crashes on a character the terminal cannot show."""
+    env = {**backend_env(), "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    probe = subprocess.run([sys.executable, "-c", "import locale; print(locale.getpreferredencoding(False))"],
+                           env=env, capture_output=True, timeout=60)
+    if b"ANSI" not in probe.stdout and b"ascii" not in probe.stdout.lower():
+        pytest.skip(f"this Python does not use an ASCII locale under LC_ALL=C ({probe.stdout!r})")
+    model = tmp_path / "none"
+    argv = ["segment", "--model", str(model), "--image", str(tmp_path / "scan.nrrd"), "--out", str(tmp_path / "r.seg.nrrd")]
+    done = subprocess.run([sys.executable, "-m", "MedTuningLib", *argv, "--events", "jsonl"], cwd=ROOT, env=env,
+                          capture_output=True, timeout=300)
+    lines = done.stdout.decode("utf-8").splitlines()
+    assert_json_lines(lines)
+    assert done.returncode == 2 and json.loads(lines[-1])["code"] == "FILE_NOT_FOUND"
+    # text mode: the message is printed (non-ASCII characters escaped, not a crash with INTERNAL_ERROR)
+    done = subprocess.run([sys.executable, "-m", "MedTuningLib", *argv], cwd=ROOT, env=env, capture_output=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert b"FILE_NOT_FOUND" in done.stderr and b"Traceback" not in done.stderr
+    # characters an ASCII terminal cannot show: escaped in text, UTF-8 in the JSON stream
+    script = ("import sys; from MedTuningLib.cli import _make_output_streams_safe; from MedTuningLib.events import "
+              "EventStream; mode = sys.argv[1]; _make_output_streams_safe(mode); "
+              "EventStream(mode).log('Dice 0.91 \\u00b1 0.02 on Donn\\u00e9es'); "
+              "mode == 'text' and print('| mean \\u00b1 sd |')")  # tables go to stdout in text mode
+    text = subprocess.run([sys.executable, "-c", script, "text"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert text.returncode == 0 and b"\\xb1" in text.stderr and b"| mean \\xb1 sd |" in text.stdout, text.stderr[-2000:]
+    jsonl = subprocess.run([sys.executable, "-c", script, "jsonl"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert jsonl.returncode == 0, jsonl.stderr[-2000:]
+    assert json.loads(jsonl.stdout.decode("utf-8"))["message"] == "Dice 0.91 \u00b1 0.02 on Donn\u00e9es"
