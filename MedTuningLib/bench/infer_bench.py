@@ -1,7 +1,7 @@
 """``medtuning bench infer``: seconds per volume, plain fp32 sliding window against the tuned path.
 
 - plain: what a straightforward PyTorch + MONAI user writes: ``torch.no_grad``, fp32, MONAI
-  ``sliding_window_inference`` with one window per call (Gaussian blending, the same overlap);
+  ``sliding_window_inference`` with one window per call (Gaussian blending, the same overlap and padding);
 - tuned: :func:`MedTuningLib.engine.infer.predict_probabilities`, the path ``segment`` / ``evaluate`` use
   (``torch.inference_mode``, autocast in the device's precision with the matmul weights cast once instead of
   once per window, several windows per forward, the adapter's per-volume constants computed once).
@@ -30,6 +30,8 @@ def plain_probabilities(model: torch.nn.Module, image: torch.Tensor, crop, devic
     """The plain fp32 path: ``[K, D, H, W]`` softmax probabilities."""
     from monai.inferers import sliding_window_inference
 
+    from MedTuningLib.engine.infer import WINDOW_PADDING
+
     model.eval()
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
@@ -40,13 +42,15 @@ def plain_probabilities(model: torch.nn.Module, image: torch.Tensor, crop, devic
     with torch.no_grad():
         inputs = image.unsqueeze(0).to(device=device, dtype=torch.float32)
         probs = sliding_window_inference(inputs, roi_size=list(crop), sw_batch_size=1, predictor=predictor,
-                                         overlap=overlap, mode="gaussian")
+                                         overlap=overlap, mode="gaussian", padding_mode=WINDOW_PADDING)
     return probs[0].float().cpu()
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    denom = int(a.sum()) + int(b.sum())
-    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
+    """Dice of two boolean masks, as ``evaluate`` scores it (1 when both are empty)."""
+    from MedTuningLib.engine.evaluate import dice_hd95
+
+    return dice_hd95(a, b, spacing=(1.0, 1.0, 1.0), hd95=False)[0]
 
 
 def _load(args, device):
@@ -152,12 +156,11 @@ def bench_infer(args, events, cancel=None) -> dict:
         result[path] = {"seconds": round(statistics.median(times[path]), 2), "all_s": [round(t, 2) for t in times[path]],
                         "settings_text": settings[path]}
     if label is not None:
+        ref_masks = scheme.region_masks(label)
         for path in ("plain", "tuned"):
-            scores = {}
-            for region in scheme.regions:
-                pred_mask = scheme.region_masks(probs[path])[region.name]
-                ref_mask = scheme.region_masks(label)[region.name]
-                scores[region.name] = round(dice(pred_mask, ref_mask), 5)
+            pred_masks = scheme.region_masks(probs[path])
+            scores = {region.name: round(dice(pred_masks[region.name], ref_masks[region.name]), 5)
+                      for region in scheme.regions}
             result[path]["dice"] = scores
             result[path]["dice_mean"] = round(float(np.mean(list(scores.values()))), 5)
         result["dice_against"] = "label"

@@ -155,20 +155,24 @@ def evaluate_model(model_dir: Path, library: Path, split: str = "test", device: 
 
 
 def _case_montages(report_dir: Path, case, result, reference_classes, scheme) -> dict[str, str]:
-    """One overlay montage per region for the HTML report; returns region -> relative PNG path."""
-    from MedTuningLib.data.io import read_case_images
+    """One overlay montage per region for the HTML report; returns region -> relative PNG path.
+
+    The scan drawn is the first modality, as segmentation read it (``result.reference``), turned once to
+    the radiological convention whatever the file's axis order (RAS NIfTI included); each region's masks
+    are turned the same way."""
+    import SimpleITK as sitk
+
     from MedTuningLib.reports.montage import region_montage, to_lps_arrays
 
-    image, reference_image = read_case_images(case.image_paths)
+    (grey,), lps_spacing = to_lps_arrays(result.reference, sitk.GetArrayViewFromImage(result.reference))
     pred_regions = scheme.region_masks(result.class_map)
     ref_regions = scheme.region_masks(reference_classes)
     colors = {s.name: tuple(s.color) for s in scheme.segments}
     out = {}
     for region in scheme.regions:
         name = f"{_safe(case.id)}_{_safe(region.name)}.png"
-        # Drawn in the radiological convention whatever the file's axis order (RAS NIfTI included).
-        (grey, predicted, reference), lps_spacing = to_lps_arrays(
-            reference_image, image[0], pred_regions[region.name], ref_regions[region.name])
+        (predicted, reference), _ = to_lps_arrays(result.reference, pred_regions[region.name],
+                                                   ref_regions[region.name])
         region_montage(grey, predicted, reference,
                        colors.get(region.name, (1.0, 0.8, 0.0)), lps_spacing, report_dir / "images" / name,
                        title=f"{case.id} – {region.name}")

@@ -19,7 +19,7 @@ import torch
 
 from MedTuningLib import FORMAT_VERSION, __version__
 from MedTuningLib.errors import MedTuningError
-from MedTuningLib.fileio import read_json, write_json_atomic, atomic_path
+from MedTuningLib.fileio import atomic_path, is_pickle_file, read_json, write_json_atomic
 
 MANIFEST_NAME = "medtuning.json"
 WEIGHTS_NAME = "weights.safetensors"
@@ -41,14 +41,6 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
-def _looks_like_pickle(path: Path) -> bool:
-    # torch.save writes a zip archive, plain pickles start with the PROTO opcode 0x80 (protocol 2+) or are
-    # an opcode stream (0 / 1). A safetensors header length may start with 0x80 too: fileio tells them apart.
-    from MedTuningLib.fileio import is_pickle_file
-
-    return is_pickle_file(path)
-
-
 def load_safetensors(path: Path, what: str = "weights file") -> dict[str, torch.Tensor]:
     """Load tensors from a safetensors file; refuse pickles with UNSAFE_FILE."""
     from safetensors import SafetensorError
@@ -58,7 +50,7 @@ def load_safetensors(path: Path, what: str = "weights file") -> dict[str, torch.
     if not path.is_file():
         raise MedTuningError("MODEL_FOLDER_INVALID", f"the {what} {path} is missing",
                              "the model folder is incomplete: copy it again from where it came from")
-    if _looks_like_pickle(path):
+    if is_pickle_file(path):
         raise MedTuningError("UNSAFE_FILE", f"the {what} {path} is a pickle (torch.save) file, which could run code "
                              "when loaded", "MedTuning only loads safetensors; convert the weights with "
                              "safetensors.torch.save_file on a trusted machine")

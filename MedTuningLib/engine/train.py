@@ -27,12 +27,12 @@ import torch
 from MedTuningLib.cancel import CancelToken
 from MedTuningLib.engine.device import (autocast, peak_memory_mb, resolve_checkpointing, resolve_device,
                                         resolve_precision)
-from MedTuningLib.models.base import compact_frozen_weights
 from MedTuningLib.engine.modelfolder import (load_model_folder, load_safetensors, now_iso, save_safetensors,
                                              weights_to_store, write_model_folder)
 from MedTuningLib.errors import Cancelled, MedTuningError
 from MedTuningLib.events import EventStream
 from MedTuningLib.fileio import FileLock, ensure_writable_dir, publish_dir, read_json, write_json_atomic
+from MedTuningLib.models.base import compact_frozen_weights
 
 STATE_JSON = "state.json"
 BEST_WEIGHTS = "best.safetensors"
