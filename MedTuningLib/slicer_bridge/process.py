@@ -7,7 +7,14 @@ child it spawned, e.g. data-loader workers or ``torchrun`` ranks). Two reader th
 
 Cancel follows DESIGN.md: :meth:`request_stop` asks (``STOP`` file in the run's working folder and
 SIGTERM), the backend saves a resumable state and exits 130; :meth:`poll` escalates to
-:meth:`kill_tree` when the process is still alive ``grace_s`` seconds after the request.
+:meth:`kill_tree` when the backend is still alive ``grace_s`` seconds after the request.
+
+Inside 3D Slicer the started program is often ``PythonSlicer``, which is CTKAppLauncher: it runs
+``python-real`` as its child, shares its pipes and forwards no signal. So "the backend" is the whole
+process group, not the started process: a run counts as running while any process of its group
+lives (``/proc`` on Linux, ``killpg(pgid, 0)`` elsewhere), the kill reaches the group, and the
+kill-after-grace keeps watching after the launcher itself is gone. Standard library only (this
+file is imported inside Slicer, whose Python has no psutil).
 """
 
 from __future__ import annotations
@@ -24,8 +31,6 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Optional, Sequence
 
-import psutil
-
 from MedTuningLib.slicer_bridge.events import EventReader, RunState
 
 STOP_FILE_NAME = "STOP"  # same name as MedTuningLib.cancel.STOP_FILE_NAME (kept import-light)
@@ -35,6 +40,41 @@ DEFAULT_GRACE_S = 20.0  # a training step on a busy CPU can take several seconds
 STDERR_TAIL_LINES = 400
 #: After the process exited, how long to wait for its pipes to close (a grandchild may hold them).
 PIPE_DRAIN_S = 5.0
+#: After SIGKILL to the group, how long to wait for its processes to disappear.
+KILL_WAIT_S = 5.0
+
+
+def _linux_group_members(pgid: int) -> Optional[list[int]]:
+    """Live (not zombie) processes of process group ``pgid`` from ``/proc``; None where there is no /proc."""
+    if not sys.platform.startswith("linux") or not os.path.isdir("/proc/self"):
+        return None
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read().decode("utf-8", "replace")
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()  # after "pid (comm)": state ppid pgrp ...
+        if len(fields) >= 3 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
+
+
+def group_alive(pgid: int) -> bool:
+    """True while some process of the process group ``pgid`` runs (POSIX)."""
+    members = _linux_group_members(pgid)
+    if members is not None:
+        return bool(members)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 class ExitKind(str, enum.Enum):
@@ -131,8 +171,17 @@ class BackendProcess:
 
     @property
     def running(self) -> bool:
-        """True from start until the process ended and its output was read."""
+        """True from start until the backend ended and its output was read."""
         return self._proc is not None and self.returncode is None
+
+    @property
+    def backend_alive(self) -> bool:
+        """True while the started process or any process of its group lives (a launcher's child too)."""
+        if self._proc is None:
+            return False
+        if self._proc.poll() is None:
+            return True
+        return sys.platform != "win32" and group_alive(self._proc.pid)
 
     @property
     def finished(self) -> bool:
@@ -182,17 +231,25 @@ class BackendProcess:
             self.state.apply(event)
             for listener in self.listeners:
                 listener(event)
-        if (self.stop_requested_at is not None and not self.killed and self._proc.poll() is None
-                and time.monotonic() - self.stop_requested_at > self.grace_s):
+        # The grace period is checked against the whole group: a launcher may be gone already
+        # while the real backend it started keeps running.
+        if (self.stop_requested_at is not None and not self.killed and self.returncode is None
+                and time.monotonic() - self.stop_requested_at > self.grace_s and self.backend_alive):
             self.kill_tree()
-        # Finished only once the process exited *and* both pipes were read to the end, so the
-        # last events (done / error) are never lost — unless a stray grandchild holds a pipe open.
+        # Finished only once the process exited, nothing of its group lives and both pipes were
+        # read to the end, so the last events (done / error) are never lost.
         if self.returncode is None and self._proc.poll() is not None:
-            if self._exited_at is None:
-                self._exited_at = time.monotonic()
-            if self._open_streams <= 0 or time.monotonic() - self._exited_at > PIPE_DRAIN_S:
-                new_events += self._drain_remaining()
-                self._finish(self._proc.returncode)
+            group = sys.platform != "win32" and group_alive(self._proc.pid)
+            pipes_open = self._open_streams > 0
+            if group and pipes_open and not self.killed:
+                self._exited_at = None  # a launcher's child still works and writes: keep reading
+            else:
+                if self._exited_at is None:
+                    self._exited_at = time.monotonic()
+                # A stray process that holds a pipe (or a group that will not die) is given up on.
+                if (not pipes_open and not group) or time.monotonic() - self._exited_at > PIPE_DRAIN_S:
+                    new_events += self._drain_remaining()
+                    self._finish(self._proc.returncode)
         return new_events
 
     def _drain_remaining(self) -> list[dict[str, Any]]:
@@ -250,48 +307,46 @@ class BackendProcess:
             except OSError:
                 pass  # the signal still asks; the kill follows after the grace period
         if sys.platform != "win32" and self._proc.poll() is None:
-            # Only the main process: it stops its children itself, and workers killed first would
-            # turn a clean cancel into a crash report.
+            # Only the started process: it stops its children itself, and workers killed first
+            # would turn a clean cancel into a crash report. Behind a launcher (which forwards no
+            # signal) the STOP file asks the real backend, and the group kill follows the grace.
             try:
                 os.kill(self._proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
 
     def kill_tree(self) -> None:
-        """Kill the process, every descendant, and anything left in its process group."""
+        """Kill the started process and everything in its process group (also re-parented children)."""
         if self._proc is None:
             return
         self.killed = True
-        try:
-            victims = psutil.Process(self._proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            victims = []
-        if sys.platform != "win32":
-            try:  # also reaches children whose parent already died (re-parented, same group)
+        if sys.platform == "win32":
+            if self._proc.poll() is None:  # /T: the tree below the started process, while it lives
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._proc.pid)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, check=False)
+        else:
+            try:
                 os.killpg(self._proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
-                pass
-        for proc in victims:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
                 pass
         # The root is reaped through Popen only: reaped elsewhere, Popen would report exit status 0.
         if self._proc.poll() is None:
             self._proc.kill()
-        psutil.wait_procs(victims, timeout=5)
         try:
-            self._proc.wait(timeout=5)
+            self._proc.wait(timeout=KILL_WAIT_S)
         except subprocess.TimeoutExpired:
             pass
+        deadline = time.monotonic() + KILL_WAIT_S
+        while sys.platform != "win32" and group_alive(self._proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
-    def close(self) -> None:
-        """Make sure nothing keeps running (Slicer closing, module reloaded)."""
-        if self._proc is not None and self._proc.poll() is None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Make sure nothing keeps running (Slicer closing, module reloaded): kill, then read the end."""
+        if self._proc is None:
+            return
+        if self.backend_alive:
             self.kill_tree()
-        if self._proc is not None:
-            self._proc.wait(timeout=10)
-            self.poll()
+        self.wait(timeout=timeout)
 
 
 class CommandChain:

@@ -15,7 +15,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from MedTuningLib.paths import default_cases_dir, default_models_dir
 
@@ -35,6 +35,44 @@ def default_backend_python(slicer_home: Optional[str] = None) -> str:
                 return str(candidate)
     found = shutil.which("PythonSlicer")
     return found or sys.executable
+
+
+#: Variables that tie a Python process to one installation's standard library and site-packages.
+#: Slicer sets them for its own Python; another interpreter must not inherit them.
+PYTHON_ENV_VARS = ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONSTARTUP", "PYTHONEXECUTABLE",
+                   "PYTHONPLATLIBDIR", "PYTHONSAFEPATH", "VIRTUAL_ENV", "CONDA_PREFIX")
+
+
+def backend_environment(current: Mapping[str, str], own_python: bool,
+                        startup: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The environment a backend process (or the dependency probe) starts with.
+
+    ``own_python``: the backend is Slicer's ``PythonSlicer``; it gets the current environment (its
+    launcher sets Slicer's Python up again anyway). Otherwise the backend is another interpreter
+    (e.g. an environment with a CUDA build of PyTorch): it gets the environment Slicer itself was
+    started with (``slicer.util.startupEnvironment()``, passed as ``startup``), without the Python
+    variables of Slicer's Python — or, when that is not known, the current environment without them
+    and without Slicer's library folders. A value the user had set before starting Slicer stays.
+    """
+    if own_python:
+        return dict(current)
+    slicer_home = current.get("SLICER_HOME", "")
+    env = dict(current if startup is None else startup)
+    for name in PYTHON_ENV_VARS[:7]:
+        value = env.get(name)
+        # Without the startup environment every such value may be Slicer's; with it, only those
+        # pointing into Slicer's folder are (the launcher settings do not list every variable).
+        if value is not None and (startup is None or (slicer_home and slicer_home in value)):
+            del env[name]
+    if slicer_home:  # Slicer's folders off the search paths (its libpython, its Qt)
+        for name in ("PATH", "LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH", "DYLD_FRAMEWORK_PATH", "QT_PLUGIN_PATH"):
+            if name in env:
+                kept = [p for p in env[name].split(os.pathsep) if p and not p.startswith(slicer_home)]
+                if kept:
+                    env[name] = os.pathsep.join(kept)
+                else:
+                    del env[name]
+    return env
 
 
 @dataclass
