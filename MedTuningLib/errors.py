@@ -48,6 +48,19 @@ CATALOGUE: dict[str, ErrorKind] = {
     "LABEL_SPEC_INVALID": ErrorKind(EXIT_BAD_INPUT, "The --labels mapping cannot be parsed or is inconsistent."),
     "SEGMENT_NAMES_MISMATCH": ErrorKind(EXIT_BAD_INPUT, "Segment names differ between cases of a custom task."),
     "VOLUME_TOO_SMALL": ErrorKind(EXIT_BAD_INPUT, "A volume is too small to be processed."),
+    # --- DICOM input and output (issue 14) ---------------------------------------------------
+    "DICOM_MULTIPLE_SERIES": ErrorKind(EXIT_BAD_INPUT, "A DICOM folder holds several image series; --series UID picks one."),
+    "DICOM_SERIES_NOT_FOUND": ErrorKind(EXIT_BAD_INPUT, "No series with the --series UID is in the DICOM folder(s)."),
+    "DICOM_MISSING_SLICES": ErrorKind(EXIT_BAD_INPUT, "A DICOM series has gaps: slices are missing."),
+    "DICOM_UNEVEN_SPACING": ErrorKind(EXIT_BAD_INPUT, "A DICOM series has unevenly spaced slices."),
+    "DICOM_MIXED_ORIENTATION": ErrorKind(EXIT_BAD_INPUT, "The slices of a DICOM series have different orientations."),
+    "DICOM_GANTRY_TILT": ErrorKind(EXIT_BAD_INPUT, "A DICOM series was acquired with a gantry tilt (sheared slices)."),
+    "DICOM_SERIES_INCONSISTENT": ErrorKind(EXIT_BAD_INPUT, "DICOM slices differ in size or spacing, lack positions, or repeat one."),
+    "DICOM_SERIES_UNSUPPORTED": ErrorKind(EXIT_BAD_INPUT, "A DICOM series is stored in a form MedTuning does not read (multi-frame)."),
+    "DICOM_SOURCE_INCOMPLETE": ErrorKind(EXIT_BAD_INPUT, "The source series lacks attributes a DICOM SEG must copy."),
+    # --- batch segmentation (issue 14) -------------------------------------------------------
+    "BATCH_LIST_INVALID": ErrorKind(EXIT_BAD_INPUT, "The --batch-list CSV or folder cannot be read or lacks columns."),
+    "BATCH_INCOMPLETE": ErrorKind(EXIT_FAILURE, "Some scans of a batch failed; the others were segmented."),
     # --- outputs and locks -------------------------------------------------------------------
     "OUTPUT_NOT_WRITABLE": ErrorKind(EXIT_BAD_INPUT, "The output location cannot be written."),
     "OUTPUT_EXISTS": ErrorKind(EXIT_BAD_INPUT, "The output already exists and would be overwritten."),
