@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +15,25 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# The browser tests drive Debian's Chromium (Playwright's own browser download is not used).
+# Installed when missing and running as root with apt-get, as CI does; elsewhere it says what to do
+# and the browser tests report that they cannot run (with CI=true they fail instead).
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing Debian's chromium for the browser tests"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+		|| { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
+	else \
+		echo "NOTE: $(CHROMIUM) is missing and this is not root with apt-get: the browser tests cannot run."; \
+		echo "      Install it (sudo apt-get install chromium) or set CHROMIUM=/path/to/chromium."; \
+		if [ "$${CI:-}" = true ]; then exit 1; fi; \
+	fi
+
 demo: $(STAMP)
 	$(VENV)/bin/medtuning demo --out demo-output --force
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest Testing -q
 
 clean:
