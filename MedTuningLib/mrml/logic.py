@@ -1,0 +1,152 @@
+"""Everything between MRML nodes and backend jobs: export, run, load back (no widgets, no Qt).
+
+:class:`MedTuningMrmlLogic` is what the Slicer module's Apply buttons and the browser app call:
+
+- :meth:`~MedTuningMrmlLogic.start_segmentation` exports the input volumes (one per modality of
+  the model, in its channel order), runs ``segment`` and loads the ``.seg.nrrd`` into a new node or
+  the one the user chose;
+- :meth:`~MedTuningMrmlLogic.start_add_cases` copies scene cases into the case library
+  (``provenance`` ``scene`` or ``correction``);
+- :meth:`~MedTuningMrmlLogic.start_fine_tune` adds scene cases, then trains a new model folder;
+- :meth:`~MedTuningMrmlLogic.start_retune` warm-starts from a model on the whole library.
+
+Every job runs the backend as ``PYTHON -m MedTuningLib ... --events jsonl`` with ``env`` (see
+:func:`MedTuningLib.slicer_bridge.settings.backend_environment`) and ``library_root`` on its
+``PYTHONPATH``; poll the returned :class:`~.jobs.Job` from a timer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from MedTuningLib.mrml.cases import export_case
+from MedTuningLib.mrml.context import MrmlContext, MrmlError
+from MedTuningLib.mrml.curves import CurveNodes
+from MedTuningLib.mrml.jobs import Job
+from MedTuningLib.mrml.nodes import export_volume, is_labelmap, is_volume, load_result
+from MedTuningLib.mrml.terminology import load_medtuning_terminology
+from MedTuningLib.slicer_bridge.commands import SegmentParams, TrainParams, backend_argv
+from MedTuningLib.slicer_bridge.events import RunState
+from MedTuningLib.slicer_bridge.export import ExportNamer
+from MedTuningLib.slicer_bridge.process import DEFAULT_GRACE_S, BackendProcess, CommandChain
+from MedTuningLib.slicer_bridge.settings import BridgeSettings, ModelInfo, next_model_name
+
+log = logging.getLogger("MedTuning")
+PathLike = Union[str, "os.PathLike[str]"]
+#: ``(volumes in modality order, label node, split)``
+CaseNodes = Tuple[Sequence[Any], Any, str]
+
+
+class MedTuningMrmlLogic:
+    """Nodes to files, backend jobs, files back to nodes, for one scene."""
+
+    def __init__(self, context: MrmlContext, settings: Optional[BridgeSettings] = None,
+                 python: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+                 library_root: Optional[PathLike] = None, grace_s: float = DEFAULT_GRACE_S) -> None:
+        self.context = context
+        self.settings = settings or BridgeSettings()
+        self._python = python
+        self.env = dict(os.environ if env is None else env)
+        self.library_root = Path(library_root) if library_root else Path(__file__).resolve().parents[2]
+        self.grace_s = grace_s
+        self.curves = CurveNodes(context.scene)
+        self.terminology_context = load_medtuning_terminology(context)
+
+    @property
+    def python(self) -> str:
+        return self._python or self.settings.resolved_python()
+
+    # -- processes -------------------------------------------------------------------------------
+    def process(self, params: Any, workdir: Optional[Path], cwd: Optional[Path] = None) -> BackendProcess:
+        """The backend process for ``params`` (not started); training stops through ``OUT.partial``."""
+        argv = backend_argv(self.python, params)
+        stop_dir = params.workdir() if isinstance(params, TrainParams) else workdir
+        log.info("MedTuning: %s", " ".join(argv))
+        return BackendProcess(argv, workdir=stop_dir, env=self.env, pythonpath=self.library_root, cwd=cwd,
+                              grace_s=self.grace_s)
+
+    def job(self, kind: str, params_list: Sequence[Any], temp_dir: Path,
+            on_success: Callable[[RunState], Any]) -> Job:
+        """Start the commands one after another; the job's result is ``on_success(last state)``."""
+        steps = [lambda p=p, i=i: self.process(p, temp_dir / f"work{i}", temp_dir) for i, p in enumerate(params_list)]
+        return Job(kind, CommandChain(steps).start(), temp_dir, on_success)
+
+    # -- segment ---------------------------------------------------------------------------------
+    def start_segmentation(self, model: ModelInfo, volumes: Sequence[Any], device: str = "auto", tta: bool = False,
+                           output_node: Any = None, name: str = "") -> Job:
+        """Export the volumes, run ``segment``; the job's result is the segmentation node."""
+        if not model.usable:
+            raise MrmlError(f"The model {model.name} cannot be used: {model.problem}")
+        if len(volumes) != len(model.modalities) or any(not is_volume(v) or is_labelmap(v) for v in volumes):
+            raise MrmlError(f"The model expects {len(model.modalities)} input volume(s): {', '.join(model.modalities)}")
+        temp_dir = self.context.new_temp_dir()
+        try:
+            namer = ExportNamer(temp_dir)
+            images = [export_volume(v, namer.path(v.GetName(), ".nrrd", "volume")) for v in volumes]
+        except Exception:
+            import shutil
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        out = namer.path("result", ".seg.nrrd")
+        params = SegmentParams(model=model.path, images=images, out=out, tta=tta, device=device)
+        title = name or f"{volumes[0].GetName()} {model.name}"
+
+        def finish(state: RunState) -> Any:
+            result = Path(state.outputs.get("segmentation") or out)
+            return load_result(self.context, result, volumes[0], output_node, title)
+
+        return self.job("segment", [params], temp_dir, finish)
+
+    # -- cases and training ----------------------------------------------------------------------
+    def _case_params(self, temp_dir: Path, namer: ExportNamer, cases: Sequence[CaseNodes],
+                     modalities: Sequence[str], provenance: str) -> List[Any]:
+        library = self.settings.resolved_cases_dir()
+        return [export_case(self.context, volumes, label, temp_dir, library, modalities, split, provenance, namer)
+                for volumes, label, split in cases]
+
+    def _exported(self, make: Callable[[Path, ExportNamer], Any]) -> Tuple[Path, Any]:
+        temp_dir = self.context.new_temp_dir()
+        try:
+            return temp_dir, make(temp_dir, ExportNamer(temp_dir))
+        except Exception:
+            import shutil
+            shutil.rmtree(temp_dir, ignore_errors=True)  # nothing half-written is left behind
+            raise
+
+    def start_add_cases(self, cases: Sequence[CaseNodes], modalities: Sequence[str], provenance: str = "scene") -> Job:
+        """Copy cases ``[(volumes, label, split)]`` into the case library; the result is their count."""
+        if not cases:
+            raise MrmlError("No case to add")
+        temp_dir, params = self._exported(lambda d, n: self._case_params(d, n, cases, modalities, provenance))
+        return self.job("cases", params, temp_dir, lambda state: len(params))
+
+    def start_fine_tune(self, cases: Sequence[CaseNodes], modalities: Sequence[str], name: str = "my-model",
+                        provenance: str = "scene", kind: str = "train", **train: Any) -> Job:
+        """Add ``cases`` to the library, then train a new model folder; the result is its path.
+
+        ``train`` holds :class:`TrainParams` fields (task, labels, arch, backbone, weights, method,
+        epochs, minutes, crop, batch, device, steps_per_epoch, init_from, ...).
+        """
+        temp_dir, steps = self._exported(lambda d, n: self._case_params(d, n, cases, modalities, provenance))
+        models_dir = self.settings.resolved_models_dir()
+        models_dir.mkdir(parents=True, exist_ok=True)
+        out = models_dir / next_model_name(models_dir, name or "my-model")
+        train = {k: v for k, v in train.items() if v not in (None, "")}
+        train.setdefault("device", self.settings.device)
+        steps.append(TrainParams(library=self.settings.resolved_cases_dir(), out=out, **train))
+        self.curves.remove()
+        return self.job(kind, steps, temp_dir, lambda state: Path(state.outputs.get("model") or out))
+
+    def start_retune(self, model: ModelInfo, epochs: int, device: str = "auto", **train: Any) -> Job:
+        """Warm start from ``model`` on the whole case library (short schedule) into ``<model>-retuned``."""
+        task = model.task if model.task in ("kits", "brats") else "custom"
+        return self.start_fine_tune([], model.modalities, f"{model.name}-retuned", kind="retune", task=task,
+                                    epochs=epochs, device=device, init_from=model.path, **train)
+
+    # -- curves ----------------------------------------------------------------------------------
+    def update_curves(self, state: RunState) -> Any:
+        """Training loss and validation Dice as table / plot nodes; returns the chart node."""
+        return self.curves.update(state)
