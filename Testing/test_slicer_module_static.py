@@ -97,7 +97,9 @@ def test_strings_shown_to_users_are_translatable():
 
 def shipped_files() -> tuple[set[str], set[str], set[str]]:
     lib = ROOT / "MedTuningLib"
-    scripts = {p.relative_to(ROOT).as_posix() for p in lib.rglob("*.py") if "__pycache__" not in p.parts}
+    # The browser app (MedTuningLib/web, trame) is not part of the Slicer extension.
+    scripts = {p.relative_to(ROOT).as_posix() for p in lib.rglob("*.py")
+               if "__pycache__" not in p.parts and not p.relative_to(lib).as_posix().startswith("web/")}
     data = {p.relative_to(ROOT).as_posix() for p in (lib / "presets").rglob("*")
             if p.is_file() and p.suffix in (".json", ".md")} if (lib / "presets").is_dir() else set()
     resources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "Resources").rglob("*") if p.is_file()}
