@@ -61,6 +61,11 @@ CATALOGUE: dict[str, ErrorKind] = {
     # --- batch segmentation (issue 14) -------------------------------------------------------
     "BATCH_LIST_INVALID": ErrorKind(EXIT_BAD_INPUT, "The --batch-list CSV or folder cannot be read or lacks columns."),
     "BATCH_INCOMPLETE": ErrorKind(EXIT_FAILURE, "Some scans of a batch failed; the others were segmented."),
+    # --- browser app: medtuning web (issue 12) -----------------------------------------------
+    "WEB_UNAVAILABLE": ErrorKind(EXIT_BAD_INPUT, "The browser app's packages (trame-slicer) are not installed."),
+    "WEB_PORT_IN_USE": ErrorKind(EXIT_BAD_INPUT, "The port for 'medtuning web' is taken by another program."),
+    "WEB_TOKEN_REQUIRED": ErrorKind(EXIT_BAD_INPUT, "The browser app needs an access token (not on loopback, or none sent)."),
+    "WEB_TOKEN_INVALID": ErrorKind(EXIT_BAD_INPUT, "The access token sent to the browser app is wrong."),
     # --- outputs and locks -------------------------------------------------------------------
     "OUTPUT_NOT_WRITABLE": ErrorKind(EXIT_BAD_INPUT, "The output location cannot be written."),
     "OUTPUT_EXISTS": ErrorKind(EXIT_BAD_INPUT, "The output already exists and would be overwritten."),
