@@ -283,6 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an earlier comparison in --out")
     p.add_argument("--device", choices=DEVICES, default="auto")
     _add_common(p)
+
+    # web -----------------------------------------------------------------------------------------
+    p = sub.add_parser("web", help="the browser app: segment, correct, add cases and re-tune in a web page "
+                       "(needs the web extra: pip install 'medtuning[web]')",
+                       description="Serve MedTuning in a browser (3D Slicer's MRML scene, views and segment "
+                       "editor through trame-slicer). One scene per server process: every browser tab sees "
+                       "the same scans and results. Bound to a non-loopback address it requires an access token.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; another address needs a token)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--models", type=Path, default=None, help="model folders (default ~/.medtuning/models)")
+    p.add_argument("--cases", type=Path, default=None, help="case library (default ~/.medtuning/cases)")
+    p.add_argument("--scans", type=Path, default=None,
+                   help="server folder whose scans the page may open (default: none, uploads only)")
+    p.add_argument("--token", default=None,
+                   help="access token the address must carry (?token=...); made and printed when the host is "
+                        "not loopback and none is given")
+    p.add_argument("--python", default=None, help="interpreter of the backend processes (default: this one)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="device of the backend runs")
+    _add_common(p)
     return parser
 
 

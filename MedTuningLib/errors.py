@@ -70,6 +70,12 @@ CATALOGUE: dict[str, ErrorKind] = {
     "OUTPUT_NOT_WRITABLE": ErrorKind(EXIT_BAD_INPUT, "The output location cannot be written."),
     "OUTPUT_EXISTS": ErrorKind(EXIT_BAD_INPUT, "The output already exists and would be overwritten."),
     "OUTPUT_LOCKED": ErrorKind(EXIT_BAD_INPUT, "Another run is writing into the same output."),
+    # --- replacing outputs, disk and paths (issue 15) -------------------------------------------
+    "OUTPUT_NOT_REPLACEABLE": ErrorKind(EXIT_BAD_INPUT, "The output path holds something MedTuning did not write as "
+                                        "this kind of output (a case library, an input, a folder of other files, a "
+                                        "file); --force never replaces it."),
+    "DISK_FULL": ErrorKind(EXIT_FAILURE, "The disk (or quota) filled up while writing; nothing half-written was kept."),
+    "PATH_TOO_LONG": ErrorKind(EXIT_BAD_INPUT, "A file or folder name is longer than the file system allows."),
     # --- weights and model folders -------------------------------------------------------------
     "WEIGHTS_NOT_FOUND": ErrorKind(EXIT_BAD_INPUT, "The base-weights file does not exist."),
     "WEIGHTS_DOWNLOAD_FAILED": ErrorKind(EXIT_BAD_INPUT, "Pretrained weights are neither cached nor downloadable."),
@@ -91,7 +97,7 @@ CATALOGUE: dict[str, ErrorKind] = {
     # --- running -----------------------------------------------------------------------------
     "MEMORY_ESTIMATE_TOO_LARGE": ErrorKind(EXIT_BAD_INPUT, "The run would not fit in the device's memory."),
     "OUT_OF_MEMORY": ErrorKind(EXIT_FAILURE, "The device ran out of memory during the run."),
-    "TRAINING_DIVERGED": ErrorKind(EXIT_FAILURE, "The loss became NaN or infinite."),
+    "TRAINING_DIVERGED": ErrorKind(EXIT_FAILURE, "The loss or the tuned weights became NaN or infinite."),
     "DISTRIBUTED_ERROR": ErrorKind(EXIT_FAILURE, "A distributed (torchrun) run could not be set up."),
     "CANCELLED": ErrorKind(EXIT_CANCELLED, "The run was cancelled; its state is resumable."),
     "INTERNAL_ERROR": ErrorKind(EXIT_FAILURE, "An unexpected failure inside MedTuning (a bug)."),
