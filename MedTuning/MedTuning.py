@@ -1,10 +1,11 @@
 """MedTuning: segment with Med-Tuning models, fine-tune them on your own cases, correct and re-tune.
 
-A thin shell over ``MedTuningLib``: this module turns MRML nodes into files (NRRD / .seg.nrrd),
-runs the ``medtuning`` backend as a separate process (``python -m MedTuningLib ... --events jsonl``)
-that a timer polls, and turns result files back into nodes. Command building, event parsing, the
-process runner, export naming, settings and model discovery live in
-``MedTuningLib.slicer_bridge`` (Slicer-free, tested with pytest).
+Qt wiring only: the widgets of ``Resources/UI/MedTuning.ui`` are connected to
+``MedTuningLib.mrml`` (Qt-free MRML logic: node export, case plans, result loading, terminology,
+curves, backend jobs; tested on slicer-core) and ``MedTuningLib.slicer_bridge`` (commands, events,
+process, settings). The backend runs as a separate process (``python -m MedTuningLib ...
+--events jsonl``) that a timer polls. What this file imports when Slicer scans modules is only
+what Slicer's Python ships (``Testing/test_slicer_startup_imports.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,23 +48,36 @@ LIBRARY_ROOT = _find_library_root()
 if LIBRARY_ROOT not in sys.path:
     sys.path.insert(0, LIBRARY_ROOT)
 
-from MedTuningLib.slicer_bridge.commands import (ARCHS, METHODS, CaseAddParams, SegmentParams,  # noqa: E402
-                                                 TrainParams, backend_argv)
-from MedTuningLib.slicer_bridge.events import RunState  # noqa: E402
-from MedTuningLib.slicer_bridge.export import ExportNamer, plan_case_export, unique_node_name  # noqa: E402
-from MedTuningLib.slicer_bridge.process import BackendProcess, CommandChain  # noqa: E402
+from MedTuningLib.mrml import (Job, JobBusy, JobSlot, MedTuningMrmlLogic, MrmlContext, MrmlError,  # noqa: E402
+                               SceneCaseList, embedded_plot_view_node)
+from MedTuningLib.slicer_bridge.commands import ARCHS, METHODS  # noqa: E402
 from MedTuningLib.slicer_bridge.settings import (BridgeSettings, DependencyReport, ModelInfo,  # noqa: E402
-                                                 default_backend_python, discover_models, next_model_name,
+                                                 backend_environment, default_backend_python, discover_models,
                                                  parse_probe_output, pip_constraints, pip_install_args,
                                                  probe_argv, read_case_library, read_model_info)
 
 SETTINGS_PREFIX = "MedTuning/"
 MAX_MODALITIES = 4
 POLL_INTERVAL_MS = 250
+CASE_KEY_ROLE = qt.Qt.UserRole  # a table row names its scene case by key, never by position
 
 
 def resourcePath(relative: str) -> str:
     return os.path.join(LIBRARY_ROOT, "Resources", relative)
+
+
+def connectParameterGui(parameterNode, ui) -> int:
+    """``parameterNode.connectGui(ui)`` that returns the tag on every Slicer version.
+
+    Slicer 5.4-5.8 ``connectGui`` returns None (``disconnectGui`` then does nothing and every enter
+    adds connections); ``connectParametersToGui`` returns the tag on all of them.
+    """
+    mapping = {}
+    for widget in ui.__dict__.values():
+        prop = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+        if prop:
+            mapping[str(prop)] = widget
+    return parameterNode.connectParametersToGui(mapping)
 
 
 #
@@ -121,71 +136,17 @@ class MedTuningParameterNode:
 # Logic
 #
 
-class Job:
-    """A backend run (one or more commands) in progress, and what to do with its result."""
-
-    def __init__(self, kind: str, chain: CommandChain, tempDir: Optional[Path],
-                 onSuccess: Callable[[RunState], object]) -> None:
-        self.kind = kind
-        self.chain = chain
-        self.tempDir = tempDir
-        self.onSuccess = onSuccess
-        self.result: object = None
-        self.failure = ""
-        self.completed = False
-
-    @property
-    def state(self) -> RunState:
-        last = self.chain.last
-        return last.state if last is not None else RunState()
-
-    @property
-    def ok(self) -> bool:
-        return self.completed and self.chain.ok and not self.failure
-
-    def poll(self) -> list[dict]:
-        events = self.chain.poll()
-        if self.chain.finished and not self.completed:
-            self._complete()
-        return events
-
-    def cancel(self) -> None:
-        self.chain.request_stop()
-
-    def close(self) -> None:
-        """Stop at once (scene closed, module reloaded): kill, then clean up."""
-        if self.chain.current is not None:
-            self.chain.request_stop()
-            self.chain.current.close()
-        self._cleanup()
-
-    def _complete(self) -> None:
-        self.completed = True
-        try:
-            if self.chain.ok:
-                self.result = self.onSuccess(self.state)
-        except Exception as exc:  # noqa: BLE001 - shown to the user, logged with the traceback
-            logging.exception("MedTuning: loading the results failed")
-            self.failure = str(exc)
-        finally:
-            self._cleanup()
-
-    def _cleanup(self) -> None:
-        if self.tempDir is not None:
-            shutil.rmtree(self.tempDir, ignore_errors=True)
-            self.tempDir = None
-
-
 class MedTuningLogic(ScriptedLoadableModuleLogic):
-    """Nodes to files, backend jobs, files back to nodes. No widgets here (usable from scripts)."""
+    """Slicer's side of the logic: settings in QSettings, the backend interpreter and its environment,
+    dependencies. Everything between nodes and jobs is ``self.mrml`` (:class:`MedTuningMrmlLogic`)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.settings = self.loadSettings()
-        self.extraModelFolders: list[str] = []
-        self._curveTables: dict[str, object] = {}
-        self._curveSeries: dict[str, object] = {}
-        self.curveChartNode = None
+        self.extraModelFolders: list = []
+        self.context = MrmlContext.from_slicer()
+        self.mrml = MedTuningMrmlLogic(self.context, self.settings, library_root=LIBRARY_ROOT)
+        self.refreshBackend()
 
     def getParameterNode(self):
         return MedTuningParameterNode(super().getParameterNode())
@@ -201,6 +162,7 @@ class MedTuningLogic(ScriptedLoadableModuleLogic):
         store = qt.QSettings()
         for key, value in self.settings.to_dict().items():
             store.setValue(SETTINGS_PREFIX + key, value)
+        self.refreshBackend()
 
     def backendPython(self) -> str:
         return self.settings.resolved_python(slicer.app.slicerHome)
@@ -208,166 +170,29 @@ class MedTuningLogic(ScriptedLoadableModuleLogic):
     def usesSlicerPython(self) -> bool:
         return os.path.normcase(self.backendPython()) == os.path.normcase(default_backend_python(slicer.app.slicerHome))
 
+    def backendEnvironment(self) -> dict:
+        """Slicer's environment for PythonSlicer; the environment Slicer started with for another Python."""
+        own = self.usesSlicerPython()
+        return backend_environment(os.environ, own, None if own else slicer.util.startupEnvironment())
+
+    def refreshBackend(self) -> None:
+        """The interpreter and environment jobs start with (after a settings change)."""
+        self.mrml.settings = self.settings
+        self.mrml._python = self.backendPython()
+        self.mrml.env = self.backendEnvironment()
+
     # -- models and cases ------------------------------------------------------------------------
-    def models(self) -> list[ModelInfo]:
+    def models(self) -> list:
         return discover_models(self.settings.resolved_models_dir(), self.extraModelFolders)
 
     def libraryCases(self):
         return read_case_library(self.settings.resolved_cases_dir())
 
-    # -- files -----------------------------------------------------------------------------------
-    @staticmethod
-    def newTempDir() -> Path:
-        return Path(tempfile.mkdtemp(prefix="MedTuning-", dir=slicer.app.temporaryPath))
-
-    @staticmethod
-    def exportNode(node, path: Path) -> None:
-        """Write a node to a file without re-pointing the node's own storage at it."""
-        if hasattr(slicer.util, "exportNode"):
-            slicer.util.exportNode(node, str(path))
-        elif not slicer.util.saveNode(node, str(path)):
-            raise RuntimeError(_("Could not write {name} to {path}").format(name=node.GetName(), path=path))
-
-    def loadResult(self, path: Path, referenceVolume, outputNode=None, name: str = ""):
-        """Load a result .seg.nrrd; into ``outputNode`` only when the user chose that node."""
-        loaded = slicer.util.loadSegmentation(str(path))
-        if loaded is None:
-            raise RuntimeError(_("The result {path} could not be loaded").format(path=path))
-        if outputNode is not None:
-            target = outputNode
-            target.GetSegmentation().RemoveAllSegments()
-            source = loaded.GetSegmentation()
-            for index in range(source.GetNumberOfSegments()):
-                target.GetSegmentation().CopySegmentFromSegmentation(source, source.GetNthSegmentID(index))
-            slicer.mrmlScene.RemoveNode(loaded)
-        else:
-            target = loaded
-            existing = [n.GetName() for n in slicer.util.getNodesByClass("vtkMRMLSegmentationNode") if n is not loaded]
-            target.SetName(unique_node_name(name or loaded.GetName(), existing))
-        target.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
-        target.CreateDefaultDisplayNodes()
-        target.CreateClosedSurfaceRepresentation()  # shown in 3D as well as in the slice views
-        return target
-
-    # -- jobs ------------------------------------------------------------------------------------
-    def _run(self, params, workdir: Optional[Path], cwd: Path) -> BackendProcess:
-        argv = backend_argv(self.backendPython(), params)
-        stopDir = params.workdir() if isinstance(params, TrainParams) else workdir
-        logging.info("MedTuning: %s", " ".join(argv))
-        return BackendProcess(argv, workdir=stopDir, pythonpath=LIBRARY_ROOT, cwd=cwd)
-
-    def _job(self, kind: str, paramsList: list, tempDir: Path, onSuccess) -> Job:
-        steps = [lambda p=p, i=i: self._run(p, tempDir / f"work{i}", tempDir) for i, p in enumerate(paramsList)]
-        return Job(kind, CommandChain(steps).start(), tempDir, onSuccess)
-
-    def startSegmentation(self, model: ModelInfo, volumes: list, device: str = "auto", tta: bool = False,
-                          outputNode=None) -> Job:
-        """Export the volumes, run ``segment``; the job's result is the segmentation node."""
-        if len(volumes) != len(model.modalities) or any(v is None for v in volumes):
-            raise ValueError(_("The model expects {n} input volumes ({names}).").format(
-                n=len(model.modalities), names=", ".join(model.modalities)))
-        tempDir = self.newTempDir()
-        namer = ExportNamer(tempDir)
-        images = [namer.path(v.GetName(), ".nrrd", "volume") for v in volumes]
-        for volume, path in zip(volumes, images):
-            self.exportNode(volume, path)
-        out = namer.path("result", ".seg.nrrd")
-        params = SegmentParams(model=model.path, images=images, out=out, tta=tta, device=device)
-        name = f"{volumes[0].GetName()} {model.name}"
-
-        def finish(state: RunState):
-            result = Path(state.outputs.get("segmentation") or out)
-            return self.loadResult(result, volumes[0], outputNode, name)
-
-        return self._job("segment", [params], tempDir, finish)
-
-    def _addCaseParams(self, tempDir: Path, namer: ExportNamer, volumes: list, segmentation, modalities: list[str],
-                       split: str, provenance: str) -> CaseAddParams:
-        files = plan_case_export(tempDir, [v.GetName() for v in volumes], segmentation.GetName(), namer)
-        for volume, path in zip(volumes, files.images):
-            self.exportNode(volume, path)
-        self.exportNode(segmentation, files.label)
-        return CaseAddParams(library=self.settings.resolved_cases_dir(), images=files.images, label=files.label,
-                             modalities=modalities, split=split, provenance=provenance,
-                             source=f"3D Slicer: {segmentation.GetName()}")
-
-    def startAddCases(self, cases: list, modalities: list[str], provenance: str = "scene") -> Job:
-        """Copy scene cases ``[(volumes, segmentation, split)]`` into the case library."""
-        tempDir = self.newTempDir()
-        namer = ExportNamer(tempDir)
-        params = [self._addCaseParams(tempDir, namer, v, s, modalities, split, provenance) for v, s, split in cases]
-        return self._job("cases", params, tempDir, lambda state: len(params))
-
-    def startFineTune(self, sceneCases: list, modalities: list[str], name: str, task: str = "custom",
-                      labels: str = "", backbone: Optional[str] = None, weights: Optional[str] = None,
-                      arch: Optional[str] = None, method: Optional[str] = None, epochs: Optional[int] = None,
-                      minutes: Optional[float] = None, crop=None, batch: Optional[int] = None, device: str = "auto",
-                      stepsPerEpoch: Optional[int] = None, initFrom: Optional[Path] = None, provenance: str = "scene") -> Job:
-        """Add the scene cases to the library, then train a new model folder; the result is its path."""
-        tempDir = self.newTempDir()
-        namer = ExportNamer(tempDir)
-        steps: list = [self._addCaseParams(tempDir, namer, v, s, modalities, split, provenance)
-                       for v, s, split in sceneCases]
-        modelsDir = self.settings.resolved_models_dir()
-        modelsDir.mkdir(parents=True, exist_ok=True)
-        out = modelsDir / next_model_name(modelsDir, name or "my-model")
-        steps.append(TrainParams(library=self.settings.resolved_cases_dir(), out=out, task=task, labels=labels or None,
-                                 arch=arch, backbone=backbone or None, weights=weights, method=method, epochs=epochs,
-                                 minutes=minutes or None, crop=crop, batch=batch, device=device,
-                                 steps_per_epoch=stepsPerEpoch, init_from=initFrom))
-        self.resetCurves()
-        return self._job("train", steps, tempDir, lambda state: Path(state.outputs.get("model") or out))
-
-    def startRetune(self, model: ModelInfo, epochs: int, device: str = "auto") -> Job:
-        """Warm start from ``model`` on the whole case library (short schedule)."""
-        task = model.task if model.task in ("kits", "brats") else "custom"
-        return self.startFineTune([], model.modalities, f"{model.name}-retuned", task=task, epochs=epochs,
-                                  device=device, initFrom=model.path)
-
-    # -- training curve --------------------------------------------------------------------------
-    def resetCurves(self) -> None:
-        for node in [*self._curveTables.values(), *self._curveSeries.values()]:
-            if slicer.mrmlScene.IsNodePresent(node):
-                slicer.mrmlScene.RemoveNode(node)
-        self._curveTables.clear()
-        self._curveSeries.clear()
-
-    def updateCurves(self, state: RunState):
-        """Training loss and validation Dice per region as plot series; returns the chart node."""
-        if self.curveChartNode is None or not slicer.mrmlScene.IsNodePresent(self.curveChartNode):
-            self.curveChartNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", _("MedTuning training"))
-            self.curveChartNode.SetXAxisTitle(_("epoch"))
-            self.curveChartNode.SetYAxisTitle(_("loss / Dice"))
-        for name in state.curve_names():
-            if not (name == "train/loss" or name.startswith("validate/dice/")):
-                continue
-            points = state.curves[name]
-            label = _("training loss") if name == "train/loss" else _("Dice {region}").format(region=name.split("/", 2)[2])
-            table = self._curveTables.get(name)
-            if table is None:
-                table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", f"MedTuning {label}")
-                self._curveTables[name] = table
-            slicer.util.updateTableFromArray(table, [np.array([p.x for p in points], dtype=float),
-                                                     np.array([p.value for p in points], dtype=float)],
-                                             ["epoch", label])
-            if name not in self._curveSeries:
-                series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", label)
-                series.SetAndObserveTableNodeID(table.GetID())
-                series.SetXColumnName("epoch")
-                series.SetYColumnName(label)
-                series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-                series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
-                series.SetUniqueColor()
-                self.curveChartNode.AddAndObservePlotSeriesNodeID(series.GetID())
-                self._curveSeries[name] = series
-        return self.curveChartNode
-
     # -- dependencies ----------------------------------------------------------------------------
     def checkDependencies(self, timeout: float = 300) -> DependencyReport:
-        import subprocess
-
         try:
-            done = subprocess.run(probe_argv(self.backendPython()), capture_output=True, text=True, timeout=timeout, encoding="utf-8")
+            done = subprocess.run(probe_argv(self.backendPython()), capture_output=True, text=True, timeout=timeout,
+                                  encoding="utf-8", env=self.backendEnvironment())
         except (OSError, subprocess.TimeoutExpired) as exc:
             return DependencyReport(problem=_("The backend Python could not be run: {error}").format(error=exc))
         return parse_probe_output(done.stdout, done.returncode, done.stderr)
@@ -390,7 +215,7 @@ class MedTuningLogic(ScriptedLoadableModuleLogic):
                 return _("PyTorch was not installed.")
             report = self.checkDependencies()
         if report.missing_other:
-            constraints = Path(self.newTempDir()) / "constraints.txt"
+            constraints = Path(self.context.new_temp_dir()) / "constraints.txt"
             constraints.write_text(pip_constraints(report.packages), encoding="utf-8")
             try:
                 slicer.util.pip_install(pip_install_args(report.missing_other, str(constraints)))
@@ -410,13 +235,17 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic: Optional[MedTuningLogic] = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._models: list[ModelInfo] = []
-        self._sceneCases: list[tuple[str, str]] = []  # (volume node id, segmentation node id)
-        self._job: Optional[Job] = None
+        self._models: list = []
+        self._sceneCases = SceneCaseList()
+        self._jobs = JobSlot()
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.timeout.connect(self.onTimer)
         self.plotWidget = None
+
+    @property
+    def _job(self) -> Optional[Job]:
+        return self._jobs.job if self._jobs.busy else None
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -429,6 +258,7 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
 
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.loadModelButton.clicked.connect(self.onLoadModelFolder)
@@ -437,20 +267,23 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addSceneCaseButton.clicked.connect(self.onAddSceneCase)
         self.ui.removeCaseButton.clicked.connect(self.onRemoveSceneCase)
         self.ui.reloadCasesButton.clicked.connect(self.refreshCases)
+        self.ui.casesTable.itemChanged.connect(self.onCaseItemChanged)
         self.ui.weightsComboBox.currentIndexChanged.connect(self.updateButtons)
+        self.ui.modalityNamesLineEdit.textChanged.connect(self.onModalityNamesChanged)
         self.ui.finetuneButton.clicked.connect(self.onFineTuneButton)
         self.ui.addToCasesButton.clicked.connect(self.onAddToCases)
         self.ui.retuneButton.clicked.connect(self.onRetuneButton)
         self.ui.autoRetrainCheckBox.toggled.connect(self.onSettingsEdited)
-        self.ui.useSlicerPythonButton.clicked.connect(lambda: self.ui.backendPythonPathLineEdit.setCurrentPath(""))
-        self.ui.backendPythonPathLineEdit.currentPathChanged.connect(self.onSettingsEdited)
-        self.ui.modelsDirPathLineEdit.currentPathChanged.connect(self.onSettingsEdited)
-        self.ui.casesDirPathLineEdit.currentPathChanged.connect(self.onSettingsEdited)
+        self.ui.useSlicerPythonButton.clicked.connect(self.onUseSlicerPython)
+        for pathEdit in (self.ui.backendPythonPathLineEdit, self.ui.modelsDirPathLineEdit, self.ui.casesDirPathLineEdit):
+            pathEdit.currentPathChanged.connect(self.onSettingsEdited)
+            # An emptied path is not "valid input", so currentPathChanged is not emitted for it (CTK):
+            # an empty field means "the default" and must be saved too.
+            pathEdit.validInputChanged.connect(lambda valid, edit=pathEdit: self.onPathValidity(edit, valid))
         self.ui.checkDependenciesButton.clicked.connect(self.onCheckDependencies)
         self.ui.installDependenciesButton.clicked.connect(self.onInstallDependencies)
-        for selector in self._inputSelectors():
+        for selector in self._inputSelectors() + self._sceneCaseSelectors():
             selector.currentNodeChanged.connect(self.updateButtons)
-        self.ui.sceneCaseVolumeSelector.currentNodeChanged.connect(self.updateButtons)
         self.ui.sceneCaseSegmentationSelector.currentNodeChanged.connect(self.updateButtons)
 
         self.ui.modelsDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
@@ -463,59 +296,86 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshModels()
         self.refreshCases()
         self.initializeParameterNode()
+        self.onModalityNamesChanged()
 
     def _inputSelectors(self) -> list:
         return [getattr(self.ui, f"inputVolumeSelector{i}") for i in range(1, MAX_MODALITIES + 1)]
 
-    def _setupSegmentEditor(self) -> None:
+    def _sceneCaseSelectors(self) -> list:
+        return [getattr(self.ui, f"sceneCaseVolumeSelector{i}") for i in range(1, MAX_MODALITIES + 1)]
+
+    # -- segment editor (as Slicer's own SegmentEditor module embeds it) ---------------------------
+    def _selectEditorNode(self) -> None:
         editorNode = slicer.mrmlScene.GetSingletonNode("MedTuning", "vtkMRMLSegmentEditorNode")
         if editorNode is None:
-            editorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+            editorNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            editorNode.UnRegister(None)
             editorNode.SetSingletonTag("MedTuning")
-        self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+            editorNode = slicer.mrmlScene.AddNode(editorNode)
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(editorNode)
+
+    def _setupSegmentEditor(self) -> None:
+        self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+        self._selectEditorNode()
         self.ui.segmentEditorWidget.segmentationNodeChanged.connect(self.updateButtons)
 
     def _setupCurvePlot(self) -> None:
-        """An embedded plot view fed by the training's metric events."""
+        """An embedded plot view, owned by the module's parameter node (not Slicer's main layout)."""
         self.plotWidget = slicer.qMRMLPlotWidget()
         self.plotWidget.setMRMLScene(slicer.mrmlScene)
-        viewNode = slicer.mrmlScene.GetSingletonNode("MedTuningCurves", "vtkMRMLPlotViewNode")
-        if viewNode is None:
-            viewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode")
-            viewNode.SetSingletonTag("MedTuningCurves")
-        self.plotWidget.setMRMLPlotViewNode(viewNode)
+        owner = self.logic.getParameterNode().parameterNode
+        self.plotWidget.setMRMLPlotViewNode(embedded_plot_view_node(slicer.mrmlScene, owner))
         self.ui.curveFrame.layout().addWidget(self.plotWidget)
         self.ui.curveFrame.setVisible(False)
 
     def cleanup(self) -> None:
         """Module closed or reloaded: nothing may keep running."""
         self._timer.stop()
-        if self._job is not None:
-            self._job.close()
-            self._job = None
+        self._jobs.close()
         self.removeObservers()
+        self._shutDownEditor()
+
+    def _shutDownEditor(self) -> None:
+        """No effect keeps acting on the slice views once MedTuning is left (Slicer's SegmentEditor.exit)."""
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.uninstallKeyboardShortcuts()
+        editor.removeViewObservations()
 
     # -- parameter node --------------------------------------------------------------------------
     def enter(self) -> None:
+        self.ui.segmentEditorWidget.installKeyboardShortcuts()
+        self._selectEditorNode()
+        self.ui.segmentEditorWidget.updateWidgetFromMRML()
         self.initializeParameterNode()
 
     def exit(self) -> None:
+        self._shutDownEditor()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
-            self._job.close()
-            self._job = None
+        if self._jobs.job is not None:
             self._timer.stop()
+            self._jobs.close()  # kills the backend; its folder stays if it would not die
             self._setRunning(None)
+        self.ui.segmentEditorWidget.setSegmentationNode(None)
+        self.ui.segmentEditorWidget.removeViewObservations()
+        self._sceneCases.clear()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
+            self._selectEditorNode()
+            self.ui.segmentEditorWidget.updateWidgetFromMRML()
             self.initializeParameterNode()
+        self.refreshCases()
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeRemoved(self, caller, event, node) -> None:
+        if self._sceneCases.prune(self.logic.context):
+            self.refreshCases()
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
@@ -525,10 +385,11 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTag = connectParameterGui(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
         self.updateButtons()
 
@@ -544,11 +405,19 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.autoRetrainCheckBox.checked = s.auto_retrain
         self.ui.backendPythonPathLineEdit.toolTip = _("Now used: {python}").format(python=self.logic.backendPython())
 
+    def onUseSlicerPython(self) -> None:
+        self.ui.backendPythonPathLineEdit.setCurrentPath("")
+        self.onSettingsEdited()  # no signal comes for an empty path
+
+    def onPathValidity(self, edit, valid: bool) -> None:
+        if not valid and not edit.currentPath.strip():
+            self.onSettingsEdited()
+
     def onSettingsEdited(self, *args) -> None:
         s = self.logic.settings
-        s.backend_python = self.ui.backendPythonPathLineEdit.currentPath
-        s.models_dir = self.ui.modelsDirPathLineEdit.currentPath
-        s.cases_dir = self.ui.casesDirPathLineEdit.currentPath
+        s.backend_python = self.ui.backendPythonPathLineEdit.currentPath.strip()
+        s.models_dir = self.ui.modelsDirPathLineEdit.currentPath.strip()
+        s.cases_dir = self.ui.casesDirPathLineEdit.currentPath.strip()
         s.auto_retrain = self.ui.autoRetrainCheckBox.checked
         self.logic.saveSettings()
         self.ui.backendPythonPathLineEdit.toolTip = _("Now used: {python}").format(python=self.logic.backendPython())
@@ -623,77 +492,105 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     # -- cases table -----------------------------------------------------------------------------
+    def _modalityNames(self) -> list:
+        text = self.ui.modalityNamesLineEdit.text
+        return [m.strip() for m in text.split(",") if m.strip()] or ["CT"]
+
+    def onModalityNamesChanged(self, *args) -> None:
+        """One scene-case volume selector per modality name (up to four), labelled with the name."""
+        names = self._modalityNames()[:MAX_MODALITIES]
+        for i in range(1, MAX_MODALITIES + 1):
+            visible = i <= len(names)
+            label = getattr(self.ui, f"sceneCaseVolumeLabel{i}")
+            getattr(self.ui, f"sceneCaseVolumeSelector{i}").setVisible(visible)
+            label.setVisible(visible)
+            if visible:  # the first row also holds the label selector and the Add button
+                label.text = (_("{modality} + label:") if i == 1 else _("{modality} volume:")).format(
+                    modality=names[i - 1])
+        self.updateButtons()
+
     def refreshCases(self) -> None:
         table = self.ui.casesTable
+        wasBlocked = table.blockSignals(True)
         table.setRowCount(0)
         rows = []
-        for volumeId, segId in self._sceneCases:
-            volume, seg = slicer.mrmlScene.GetNodeByID(volumeId), slicer.mrmlScene.GetNodeByID(segId)
-            if volume is not None and seg is not None:
-                rows.append((True, f"{volume.GetName()} + {seg.GetName()}", _("scene"), self.ui.caseSplitComboBox.currentText))
-        for case in self.logic.libraryCases():
-            origin = _("library") + (f" ({case.provenance})" if case.provenance else "")
-            rows.append((None, case.case_id, origin, case.split))
+        context = self.logic.context
+        for case in self._sceneCases.live(context):
+            rows.append((case, case.title(context), _("scene"), case.split))
+        for libraryCase in self.logic.libraryCases():
+            origin = _("library") + (f" ({libraryCase.provenance})" if libraryCase.provenance else "")
+            rows.append((None, libraryCase.case_id, origin, libraryCase.split))
         table.setRowCount(len(rows))
-        for row, (use, name, origin, split) in enumerate(rows):
+        for row, (case, name, origin, split) in enumerate(rows):
             check = qt.QTableWidgetItem()
-            if use is None:  # library cases: training always reads the whole library
+            if case is None:  # library cases: training always reads the whole library
                 check.setFlags(qt.Qt.ItemIsEnabled)
                 check.setCheckState(qt.Qt.Checked)
                 check.setToolTip(_("Cases in the library are always used for training"))
             else:
                 check.setFlags(qt.Qt.ItemIsEnabled | qt.Qt.ItemIsUserCheckable)
-                check.setCheckState(qt.Qt.Checked)
+                check.setCheckState(qt.Qt.Checked if case.checked else qt.Qt.Unchecked)
+                check.setData(CASE_KEY_ROLE, case.key)
             table.setItem(row, 0, check)
             for column, text in enumerate((name, origin, split), start=1):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
         table.resizeColumnsToContents()
+        table.blockSignals(wasBlocked)
         self.updateButtons()
 
+    def _rowCase(self, row: int):
+        item = self.ui.casesTable.item(row, 0)
+        key = item.data(CASE_KEY_ROLE) if item is not None else None
+        return self._sceneCases.get(str(key)) if key else None
+
+    def onCaseItemChanged(self, item) -> None:
+        if item.column() == 0:
+            case = self._rowCase(item.row())
+            if case is not None:
+                case.checked = item.checkState() == qt.Qt.Checked
+
     def onAddSceneCase(self) -> None:
-        volume = self.ui.sceneCaseVolumeSelector.currentNode()
-        seg = self.ui.sceneCaseSegmentationSelector.currentNode()
-        if volume is None or seg is None:
-            return
-        pair = (volume.GetID(), seg.GetID())
-        if pair not in self._sceneCases:
-            self._sceneCases.append(pair)
+        names = self._modalityNames()[:MAX_MODALITIES]
+        volumes = [s.currentNode() for s in self._sceneCaseSelectors()[:len(names)]]
+        label = self.ui.sceneCaseSegmentationSelector.currentNode()
+        with slicer.util.tryWithErrorDisplay(_("This case cannot be added."), waitCursor=False):
+            self._sceneCases.add(volumes, label, self.ui.caseSplitComboBox.currentText, names)
         self.refreshCases()
 
     def onRemoveSceneCase(self) -> None:
-        row = self.ui.casesTable.currentRow()
-        if 0 <= row < len(self._sceneCases):
-            del self._sceneCases[row]
+        case = self._rowCase(self.ui.casesTable.currentRow())
+        if case is not None:
+            self._sceneCases.remove(case.key)
         self.refreshCases()
 
     def _checkedSceneCases(self) -> list:
         cases = []
-        for row, (volumeId, segId) in enumerate(self._sceneCases):
-            item = self.ui.casesTable.item(row, 0)
-            if item is not None and item.checkState() == qt.Qt.Checked:
-                cases.append(([slicer.mrmlScene.GetNodeByID(volumeId)], slicer.mrmlScene.GetNodeByID(segId),
-                              self._parameterNode.caseSplit))
+        for case in self._sceneCases.checked(self.logic.context):
+            volumes, label = case.nodes(self.logic.context)
+            cases.append((volumes, label, case.split))
         return cases
 
     # -- buttons ---------------------------------------------------------------------------------
     def updateButtons(self, *args) -> None:
-        if not hasattr(self, "ui"):
+        if not hasattr(self, "ui") or self.logic is None:
             return
-        running = self._job is not None
+        job = self._job
+        running = job is not None
         model = self.currentModel()
         needed = len(model.modalities) if model else 0
         inputsSet = needed > 0 and all(s.currentNode() for s in self._inputSelectors()[:needed])
-        self.ui.segmentButton.enabled = (running and self._job.kind == "segment") or (
+        self.ui.segmentButton.enabled = (running and job.kind == "segment") or (
             not running and bool(model and model.usable and inputsSet))
         self.ui.segmentButton.toolTip = "" if inputsSet else _("Choose a model and its input volume(s)")
-        hasCases = bool(self._sceneCases) or bool(self.ui.casesTable.rowCount)
-        self.ui.finetuneButton.enabled = (running and self._job.kind == "train") or (not running and hasCases)
+        hasCases = bool(self._sceneCases.cases) or bool(self.ui.casesTable.rowCount)
+        self.ui.finetuneButton.enabled = (running and job.kind == "train") or (not running and hasCases)
         self.ui.weightsPathLineEdit.enabled = self.ui.weightsComboBox.currentText == "file"
-        self.ui.addSceneCaseButton.enabled = bool(self.ui.sceneCaseVolumeSelector.currentNode()
+        names = self._modalityNames()[:MAX_MODALITIES]
+        self.ui.addSceneCaseButton.enabled = bool(all(s.currentNode() for s in self._sceneCaseSelectors()[:len(names)])
                                                   and self.ui.sceneCaseSegmentationSelector.currentNode())
         editedSeg = self.ui.segmentEditorWidget.segmentationNode()
         self.ui.addToCasesButton.enabled = not running and bool(editedSeg and model and inputsSet)
-        self.ui.retuneButton.enabled = (running and self._job.kind == "retune") or (
+        self.ui.retuneButton.enabled = (running and job.kind == "retune") or (
             not running and bool(model and model.usable))
 
     def _setRunning(self, kind: Optional[str]) -> None:
@@ -714,18 +611,21 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startJob(self, starter: Callable[[], Job]) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not start."), waitCursor=True):
-            self._job = starter()
-            bar, label = self._progressWidgets(self._job.kind)
+            try:
+                job = self._jobs.start(starter)
+            except JobBusy as exc:
+                raise MrmlError(_("The previous run is still ending; try again in a moment.")) from exc
+            bar, label = self._progressWidgets(job.kind)
             bar.value = 0
             bar.visible = True
             label.text = _("Starting…")
-            if self._job.kind in ("train", "retune"):
+            if job.kind in ("train", "retune"):
                 self.ui.curveFrame.setVisible(True)
-            self._setRunning(self._job.kind)
+            self._setRunning(job.kind)
             self._timer.start()
 
     def onTimer(self) -> None:
-        job = self._job
+        job = self._jobs.job
         if job is None:
             self._timer.stop()
             return
@@ -733,14 +633,12 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         state = job.state
         bar, label = self._progressWidgets(job.kind)
         bar.value = int(round(state.progress * 100))
-        step = f"[{job.chain.index + 1}/{job.chain.total}] " if job.chain.total > 1 else ""
-        label.text = step + state.status_text
+        label.text = job.step_text() + state.status_text
         if job.kind in ("train", "retune") and any(e.get("event") == "metric" for e in events):
-            chart = self.logic.updateCurves(state)
+            chart = self.logic.mrml.update_curves(state)
             self.plotWidget.mrmlPlotViewNode().SetPlotChartNodeID(chart.GetID())
-        if job.completed:
+        if job.completed and not job.backend_alive:
             self._timer.stop()
-            self._job = None
             self._setRunning(None)
             bar.visible = False
             self._jobFinished(job, label)
@@ -762,7 +660,7 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.refreshCases()
                 if self.logic.settings.auto_retrain:
                     self.onRetuneButton()
-        elif state.cancelled:
+        elif state.cancelled or job.cancel_requested:
             label.text = state.status_text or _("Cancelled")
         else:
             text = job.failure or state.error_message or state.status_text
@@ -780,7 +678,8 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         model = self.currentModel()
         volumes = [s.currentNode() for s in self._inputSelectors()[:len(model.modalities)]]
         p = self._parameterNode
-        self._startJob(lambda: self.logic.startSegmentation(model, volumes, p.device, p.tta, p.outputSegmentation))
+        self._startJob(lambda: self.logic.mrml.start_segmentation(model, volumes, p.device, p.tta,
+                                                                  p.outputSegmentation))
 
     def _trainSettings(self) -> dict:
         p = self._parameterNode
@@ -789,25 +688,26 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p.crop.strip():
             crop = tuple(int(v) for v in p.crop.lower().replace("×", "x").split("x"))
         model = self.currentModel()
-        return dict(task=p.task, labels=p.labels, backbone=self.ui.backboneComboBox.currentText, weights=weights,
-                    arch=p.arch, method=p.method, epochs=p.epochs, minutes=p.minutes, crop=crop, batch=p.batch,
-                    device=p.device, initFrom=model.path if (p.continueFromModel and model) else None)
+        return dict(task=p.task, labels=p.labels or None, backbone=self.ui.backboneComboBox.currentText or None,
+                    weights=weights, arch=p.arch, method=p.method, epochs=p.epochs, minutes=p.minutes or None,
+                    crop=crop, batch=p.batch, device=p.device,
+                    init_from=model.path if (p.continueFromModel and model) else None)
 
     def onFineTuneButton(self) -> None:
         if self._job is not None:
             self._job.cancel()
             return
         p = self._parameterNode
-        modalities = [m.strip() for m in p.modalityNames.split(",") if m.strip()] or ["CT"]
-        self._startJob(lambda: self.logic.startFineTune(self._checkedSceneCases(), modalities,
-                                                        p.newModelName.strip() or "my-model", **self._trainSettings()))
+        self._startJob(lambda: self.logic.mrml.start_fine_tune(self._checkedSceneCases(), self._modalityNames(),
+                                                               p.newModelName.strip() or "my-model",
+                                                               **self._trainSettings()))
 
     def onAddToCases(self) -> None:
         model = self.currentModel()
         volumes = [s.currentNode() for s in self._inputSelectors()[:len(model.modalities)]]
         seg = self.ui.segmentEditorWidget.segmentationNode()
-        self._startJob(lambda: self.logic.startAddCases([(volumes, seg, self._parameterNode.caseSplit)],
-                                                        model.modalities, provenance="correction"))
+        self._startJob(lambda: self.logic.mrml.start_add_cases([(volumes, seg, self._parameterNode.caseSplit)],
+                                                               model.modalities, provenance="correction"))
 
     def onRetuneButton(self) -> None:
         if self._job is not None:
@@ -816,13 +716,7 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         model = self.currentModel()
         p = self._parameterNode
-
-        def start() -> Job:
-            job = self.logic.startRetune(model, p.retuneEpochs, p.device)
-            job.kind = "retune"
-            return job
-
-        self._startJob(start)
+        self._startJob(lambda: self.logic.mrml.start_retune(model, p.retuneEpochs, p.device))
 
 
 #
@@ -851,6 +745,7 @@ class MedTuningTest(ScriptedLoadableModuleTest):
         logic = MedTuningLogic()
         # Never touch the user's folders or saved settings.
         logic.settings = BridgeSettings(models_dir=str(self.tempDir / "models"), cases_dir=str(self.tempDir / "cases"))
+        logic.refreshBackend()
         return logic
 
     def _smallSample(self):
@@ -886,7 +781,7 @@ class MedTuningTest(ScriptedLoadableModuleTest):
             time.sleep(0.1)
 
     TINY = dict(task="custom", arch="vit_upernet", backbone="vit_tiny_patch16_224", weights="none", crop=(8, 32, 32),
-                batch=1, stepsPerEpoch=4, device="cpu")
+                batch=1, steps_per_epoch=4, device="cpu")
 
     # -- the test --------------------------------------------------------------------------------
     def test_FineTuneSegmentAndCancel(self) -> None:
@@ -897,18 +792,18 @@ class MedTuningTest(ScriptedLoadableModuleTest):
         volume, segmentation = self._smallSample()
 
         self.delayDisplay("Tiny fine-tune through the backend")
-        job = logic.startFineTune([([volume], segmentation, "train")], ["MR"], "selftest", epochs=2, **self.TINY)
+        job = logic.mrml.start_fine_tune([([volume], segmentation, "train")], ["MR"], "selftest", epochs=2, **self.TINY)
         self._wait(job, timeout=1800)
         self.assertTrue(job.ok, f"{job.state.error_code} {job.state.error_message} {job.failure}")
         model = read_model_info(job.result)
         self.assertTrue(model.usable, model.problem)
         self.assertEqual(model.modalities, ["MR"])
         self.assertIn("Head", [s.name for s in model.segments])
-        self.assertIsNotNone(logic.updateCurves(job.state))
+        self.assertIsNotNone(logic.mrml.update_curves(job.state))
 
         self.delayDisplay("Segmenting with the new model")
         existing = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MR head small selftest")
-        job = logic.startSegmentation(model, [volume], device="cpu")
+        job = logic.mrml.start_segmentation(model, [volume], device="cpu")
         self._wait(job, timeout=900)
         self.assertTrue(job.ok, f"{job.state.error_code} {job.state.error_message} {job.failure}")
         result = job.result
@@ -920,15 +815,15 @@ class MedTuningTest(ScriptedLoadableModuleTest):
         segmentId = result.GetSegmentation().GetSegmentIdBySegmentName("Head")
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(result, segmentId, volume)
         self.assertEqual(mask.shape, slicer.util.arrayFromVolume(volume).shape)
-        self.assertIsNone(job.tempDir)  # temporary files removed
+        self.assertIsNone(job.temp_dir)  # temporary files removed
 
         self.delayDisplay("Cancel stops a run")
-        job = logic.startFineTune([], ["MR"], "selftest-cancel", epochs=1000, **self.TINY)
+        job = logic.mrml.start_fine_tune([], ["MR"], "selftest-cancel", epochs=1000, **self.TINY)
         self._wait(job, timeout=600, until=lambda: job.state.phase == "train")
         process = job.chain.current
         job.cancel()
         self._wait(job, timeout=120)
         self.assertTrue(job.state.cancelled, job.state.status_text)
-        self.assertFalse(process.running)
+        self.assertFalse(process.backend_alive)  # the launcher's python-real too
         self.assertTrue((self.tempDir / "models" / "selftest-cancel.partial").is_dir())  # resumable
         self.delayDisplay("Test passed")
