@@ -239,8 +239,9 @@ class CaseLibrary:
 
     def add(self, images: Sequence[Path], label: Path, modalities: Sequence[str] | None = None, split: str = "train",
             case_id: str | None = None, provenance: str = "import", source: str | None = None,
-            log: Callable[[str], Any] | None = None) -> Case:
-        """Check a labelled case, copy its files into the library and list it; returns the new case."""
+            log: Callable[[str], Any] | None = None, details: dict[str, Any] | None = None) -> Case:
+        """Check a labelled case, copy its files into the library and list it; returns the new case.
+        ``details`` are added to the case's provenance (e.g. ``{"dicom": [...]}``: the series read)."""
         from MedTuningLib.data.io import inspect_label, read_case_images
 
         images = [Path(p) for p in images]
@@ -316,7 +317,7 @@ class CaseLibrary:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             case = Case(id=case_id, images=rel_images, label=f"{CASES_DIR}/{folder_name}/{label_name}", split=split,
-                        provenance={"added": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        provenance={**(details or {}), "added": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                     "from": provenance, "source": source if source is not None else
                                     ", ".join(str(p) for p in [*images, label])},
                         root=self.root)

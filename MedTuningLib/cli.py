@@ -156,9 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     # segment -------------------------------------------------------------------------------------
     p = sub.add_parser("segment", help="segment a scan with a model folder")
     p.add_argument("--model", type=Path, required=True, help="model folder")
-    p.add_argument("--image", type=Path, action="append", required=True,
-                   help="input volume; one per modality, in the model's channel order")
-    p.add_argument("--out", type=Path, required=True, help="result .seg.nrrd")
+    p.add_argument("--image", type=Path, action="append", default=None,
+                   help="input volume or DICOM series folder; one per modality, in the model's channel order "
+                        "(required unless --batch-list)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="result .seg.nrrd, or .dcm (DICOM SEG) when the input is a DICOM series; with --batch-list "
+                        "a folder for the results")
+    p.add_argument("--series", action="append", default=None, metavar="UID",
+                   help="SeriesInstanceUID to read from a DICOM folder holding several series (repeat: one per "
+                        "--image, in order)")
+    p.add_argument("--dicom-seg", type=Path, default=None, metavar="FILE",
+                   help="also write the result as DICOM SEG (the input must be a DICOM series)")
+    p.add_argument("--seg-type", choices=("binary", "fractional"), default="binary",
+                   help="DICOM SEG type: binary masks, or fractional (the model's probabilities, 0..255)")
+    p.add_argument("--batch-list", type=Path, default=None, metavar="CSV_OR_FOLDER",
+                   help="segment many scans with one model load: a CSV (one row per scan: a column per modality, "
+                        "out, optional labelmap / dicom_seg / series / id) or a folder with one scan per "
+                        "sub-folder; finished outputs are skipped on a rerun")
+    p.add_argument("--batch-format", choices=("seg.nrrd", "dcm", "both"), default="seg.nrrd",
+                   help="results of a --batch-list folder: .seg.nrrd, DICOM SEG (.dcm), or both")
     p.add_argument("--labelmap", type=Path, default=None, help="also write a labelmap (e.g. .nii.gz)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (0..1)")
@@ -225,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--id", dest="case_id", default=None, help="case id (default: from the first image's name)")
     c.add_argument("--provenance", choices=("import", "scene", "correction"), default="import")
     c.add_argument("--source", default=None, help="where the case came from (free text)")
+    c.add_argument("--series", action="append", default=None, metavar="UID",
+                   help="SeriesInstanceUID to read from a DICOM folder holding several series (repeat: one per "
+                        "--image, in order)")
     c.add_argument("--slices", default=None, metavar="START:STOP",
                    help="add only these slices (end excluded), e.g. 0:80 to train on a slab and hold out the rest")
     _add_common(c)

@@ -36,11 +36,13 @@ def _reference_geometry_string(reference: sitk.Image) -> str:
     return ";".join(values + extent) + ";"
 
 
-def write_segmentation(path: Path, masks: Mapping[str, np.ndarray], reference: sitk.Image, scheme=None) -> None:
+def write_segmentation(path: Path, masks: Mapping[str, np.ndarray], reference: sitk.Image, scheme=None,
+                       header: Mapping[str, str] | None = None) -> None:
     """Write ``masks`` (bool [D, H, W] on ``reference``'s grid, by segment name, in order) as a .seg.nrrd.
 
     Names, colours and terminology come from ``scheme.segments`` (a ``LabelScheme``) where it names
-    the segment; overlapping masks go to separate layers, as 3D Slicer stores them.
+    the segment; overlapping masks go to separate layers, as 3D Slicer stores them. ``header`` adds
+    NRRD key/value fields (e.g. ``MedTuning_SourceSeriesInstanceUID``: what the result was made from).
     """
     import slicerio
 
@@ -55,6 +57,8 @@ def write_segmentation(path: Path, masks: Mapping[str, np.ndarray], reference: s
             "description": "Image geometry description string determining the geometry of the labelmap that is "
                            "created in course of conversion. Can be copied from a volume, using the button."}],
     })
+    for key, value in (header or {}).items():  # slicerio writes keys it does not know as they are
+        segmentation[str(key)] = str(value)
     definitions = {s.name: s for s in getattr(scheme, "segments", [])} if scheme is not None else {}
     full_extent = [v for axis in range(3) for v in (0, size[axis] - 1)]
     for index, (name, mask) in enumerate(masks.items(), start=1):

@@ -40,7 +40,18 @@ def run(args: Namespace, ctx) -> dict[str, Any]:
         events.start(f"cases {action}")
     if action == "add":
         images, label, source = list(args.image), args.label, args.source
+        details = None
         with tempfile.TemporaryDirectory(prefix="medtuning-slab-") as scratch:
+            if any(Path(p).is_dir() for p in images) or getattr(args, "series", None):
+                # DICOM folders: one checked series each (--series picks), stored as NRRD; the series read
+                # goes into the case's provenance.
+                from MedTuningLib.data.dicom import series_to_files
+
+                images, read = series_to_files(images, args.series or (), Path(scratch),
+                                               log=lambda message: events.log(message))
+                details = {"dicom": read}
+                if source is None:  # where the case came from: the DICOM folders, not the scratch copies
+                    source = ", ".join(str(p) for p in [*args.image, label])
             if getattr(args, "slices", None):
                 from MedTuningLib.data.slab import write_slab
 
@@ -48,7 +59,7 @@ def run(args: Namespace, ctx) -> dict[str, Any]:
                 source = (source + "; " if source else "") + f"slices {start}:{stop} of {args.image[0]}"
             case = library.add(images, label, modalities=args.modality, split=args.split, case_id=args.case_id,
                                provenance=args.provenance, source=source,
-                               log=lambda message: events.log(message, level="warning"))
+                               log=lambda message: events.log(message, level="warning"), details=details)
         events.log(f"added case {case.id!r} ({case.split}) to {library.root}")
         return {"library": str(library.root), "case": case.id, **{k: v for k, v in _case_summary(case).items() if k != "id"}}
     if action == "list":

@@ -36,18 +36,6 @@ def _check_exists(path: Path, what: str) -> Path:
     return path
 
 
-def _read_dicom_folder(path: Path, what: str) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(path))
-    if not series:
-        raise MedTuningError("FILE_UNREADABLE", f"the {what} folder {path} holds no DICOM series",
-                             _hint_formats(), path=str(path))
-    # Several series in one folder: take the one with the most slices (the volume, not a scout).
-    files = max((reader.GetGDCMSeriesFileNames(str(path), sid) for sid in series), key=len)
-    reader.SetFileNames(files)
-    return reader.Execute()
-
-
 def _truncation(path: Path, image: sitk.Image) -> str | None:
     """Why a file that ITK read is incomplete, or None. ITK's NIfTI reader zero-fills a truncated file
     silently, so the gzip stream and the raw data size are checked here."""
@@ -76,11 +64,24 @@ def _truncation(path: Path, image: sitk.Image) -> str | None:
     return None
 
 
-def read_sitk(path: Path, what: str = "image") -> sitk.Image:
-    """Read any SimpleITK image, refusing what is not a 3D scalar volume; keeps the pixel type."""
+def read_sitk(path: Path, what: str = "image", series: Sequence[str] = ()) -> sitk.Image:
+    """Read any SimpleITK image, refusing what is not a 3D scalar volume; keeps the pixel type.
+    A DICOM folder must hold one image series, or ``series`` names the SeriesInstanceUID(s) to pick from."""
+    return read_sitk_source(path, what, series)[0]
+
+
+def read_sitk_source(path: Path, what: str = "image", series: Sequence[str] = (), log: Log | None = None,
+                     info: Any = None) -> tuple[sitk.Image, Any]:
+    """:func:`read_sitk`, and the :class:`~MedTuningLib.data.dicom.DicomSeries` read (None for files)."""
     path = _check_exists(Path(path), what)
+    source = None
     try:
-        image = _read_dicom_folder(path, what) if path.is_dir() else sitk.ReadImage(str(path))
+        if path.is_dir():  # one checked series, never a guess between several (MedTuningLib.data.dicom)
+            from MedTuningLib.data.dicom import read_series
+
+            image, source = read_series(path, series, log, info=info)
+        else:
+            image = sitk.ReadImage(str(path))
     except MedTuningError:
         raise
     except Exception as exc:  # ITK raises RuntimeError for truncated, corrupt and non-image files
@@ -102,13 +103,17 @@ def read_sitk(path: Path, what: str = "image") -> sitk.Image:
         raise MedTuningError("IMAGE_DIMENSION", f"the {what} {path} is {image.GetDimension()}D with size "
                              f"{tuple(size)}, not a 3D volume", "give a 3D volume (one file per volume; split "
                              "4D series into 3D frames, stack 2D slices into a volume)", path=str(path))
-    return image
+    return image, source
 
 
-def read_image(path: Path, what: str = "image") -> sitk.Image:
+def read_image(path: Path, what: str = "image", series: Sequence[str] = ()) -> sitk.Image:
     """A 3D scalar float32 volume from a file or DICOM folder (FILE_NOT_FOUND, FILE_UNREADABLE,
-    IMAGE_DIMENSION, NON_FINITE_VOXELS)."""
-    image = sitk.Cast(read_sitk(path, what), sitk.sitkFloat32)
+    IMAGE_DIMENSION, NON_FINITE_VOXELS; DICOM_* codes for series that are ambiguous or irregular)."""
+    return _as_float_volume(read_sitk(path, what, series), path, what)
+
+
+def _as_float_volume(image: sitk.Image, path: Path, what: str) -> sitk.Image:
+    image = sitk.Cast(image, sitk.sitkFloat32)
     array = sitk.GetArrayViewFromImage(image)
     finite = np.isfinite(array)
     if not finite.all():
@@ -128,8 +133,33 @@ def check_image_content(image: sitk.Image, path: Path | str, what: str = "image"
     check_anisotropy(image, f"{what} {path}")
 
 
-def read_case_images(paths: Sequence[Path], log: Log | None = None) -> tuple[np.ndarray, sitk.Image]:
+@dataclass
+class CaseImages:
+    """The images of one case as read: stacked channels, the reference grid, and per image the DICOM
+    series it came from (None for files)."""
+
+    array: np.ndarray  # float32 [C, D, H, W]
+    reference: sitk.Image
+    dicom: list[Any] = field(default_factory=list)  # MedTuningLib.data.dicom.DicomSeries | None per image
+
+    def provenance(self) -> list[dict[str, Any]]:
+        """What was read, per image: the DICOM series (UIDs, modality, description, slices) or the file."""
+        return [d.provenance() if d is not None else {"format": "file"} for d in self.dicom]
+
+
+def read_case_images(paths: Sequence[Path], log: Log | None = None, series: Sequence[str] = ()
+                     ) -> tuple[np.ndarray, sitk.Image]:
+    """Modalities stacked channels-first, float32 [C, D, H, W], and the first modality's image
+    (see :func:`read_case_inputs`)."""
+    case = read_case_inputs(paths, log=log, series=series)
+    return case.array, case.reference
+
+
+def read_case_inputs(paths: Sequence[Path], log: Log | None = None, series: Sequence[str] = ()) -> CaseImages:
     """Modalities stacked channels-first, float32 [C, D, H, W], and the first modality's image.
+
+    A path may be a DICOM folder; ``series`` (``--series``) picks among several series
+    (:func:`MedTuningLib.data.dicom.pick_series`).
 
     All modalities end up on the first one's grid: identical grids are stacked as they are, others
     are resampled (linear) onto it when their physical extents overlap — with a note to ``log`` —
@@ -137,10 +167,19 @@ def read_case_images(paths: Sequence[Path], log: Log | None = None) -> tuple[np.
     """
     if not paths:
         raise MedTuningError("MODALITY_COUNT_MISMATCH", "no image was given", "give one image per modality")
+    picked: list[Any] = [None] * len(paths)
+    if any(Path(p).is_dir() for p in paths) or series:
+        from MedTuningLib.data.dicom import pick_series
+
+        picked = pick_series([Path(p) for p in paths], series, log)
     reference: sitk.Image | None = None
     channels = []
+    sources = []
     for index, path in enumerate(paths):
-        image = read_image(Path(path), f"image {index + 1}")
+        what = f"image {index + 1}"
+        image, source = read_sitk_source(Path(path), what, log=log, info=picked[index])
+        image = _as_float_volume(image, path, what)
+        sources.append(source)
         check_image_content(image, path, f"image {index + 1}")
         if reference is None:
             reference = image
@@ -159,7 +198,7 @@ def read_case_images(paths: Sequence[Path], log: Log | None = None) -> tuple[np.
                 image = resample_onto(image, reference)
         channels.append(sitk.GetArrayFromImage(image))
     assert reference is not None
-    return np.stack(channels).astype(np.float32, copy=False), reference
+    return CaseImages(np.stack(channels).astype(np.float32, copy=False), reference, sources)
 
 
 # -- labels -------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ stay on the input's voxel grid (the engine never resamples the scan), so the wri
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -115,22 +115,36 @@ def segment_masks(scheme, class_map: np.ndarray, min_component: int = 0) -> dict
     return ordered
 
 
+def segment_probabilities(scheme, probs: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per written segment, the model's probability (float32 [D, H, W]): a class's softmax, or for a
+    region (BraTS ET / TC / WT) the sum over its classes."""
+    if scheme.write == "regions":
+        by_name = {r.name: probs[list(r.class_indices)].sum(0) for r in scheme.regions}
+    else:
+        by_name = {cls.name: probs[index] for index, cls in enumerate(scheme.classes, start=1)}
+    return {s.name: by_name[s.name].numpy().astype(np.float32) for s in scheme.segments}
+
+
 @dataclass
 class SegmentResult:
     class_map: np.ndarray
     masks: dict[str, np.ndarray]
     reference: object  # SimpleITK image whose grid the result is on
     seconds: float
+    dicom: list = field(default_factory=list)  # per image: the DICOM series read (DicomSeries) or None
+    provenance: list = field(default_factory=list)  # per image: what was read (MedTuningLib.data.io.CaseImages)
+    probabilities: dict | None = None  # per segment, when asked for (fractional DICOM SEG)
 
 
 def segment_images(loaded, image_paths: Sequence[Path], device: torch.device, dtype: torch.dtype | None,
                    overlap: float = 0.5, tta: bool = False, min_component: int = 0,
-                   log: Callable[[str], None] | None = None, on_window: Callable[[], None] | None = None
-                   ) -> SegmentResult:
-    """Read, normalise and segment one case with a loaded model folder."""
+                   log: Callable[[str], None] | None = None, on_window: Callable[[], None] | None = None,
+                   series: Sequence[str] = (), keep_probabilities: bool = False) -> SegmentResult:
+    """Read, normalise and segment one case with a loaded model folder (inputs may be DICOM series
+    folders; ``series`` picks among several)."""
     import time
 
-    from MedTuningLib.data.io import read_case_images
+    from MedTuningLib.data.io import read_case_inputs
     from MedTuningLib.data.preprocess import normalize_intensity
 
     t0 = time.monotonic()
@@ -139,11 +153,14 @@ def segment_images(loaded, image_paths: Sequence[Path], device: torch.device, dt
                              f"the model expects {len(loaded.modalities)} image(s) ({', '.join(loaded.modalities)}) "
                              f"but {len(image_paths)} were given",
                              "pass one --image per modality, in this order: " + ", ".join(loaded.modalities))
-    array, reference = read_case_images([Path(p) for p in image_paths], log=log)
+    case = read_case_inputs([Path(p) for p in image_paths], log=log, series=series)
+    array, reference = case.array, case.reference
     array = normalize_intensity(array, loaded.preprocessing)
     probs = predict_probabilities(loaded.model, torch.from_numpy(np.ascontiguousarray(array)), loaded.crop, device,
                                   dtype, overlap=overlap, tta=tta, on_window=on_window,
                                   flip_axes=loaded.manifest.get("flip_axes", (0, 1, 2)))
     class_map = probs.argmax(0).numpy().astype(np.uint8)
     masks = segment_masks(loaded.scheme, class_map, min_component)
-    return SegmentResult(class_map=class_map, masks=masks, reference=reference, seconds=time.monotonic() - t0)
+    probabilities = segment_probabilities(loaded.scheme, probs) if keep_probabilities else None
+    return SegmentResult(class_map=class_map, masks=masks, reference=reference, seconds=time.monotonic() - t0,
+                         dicom=list(case.dicom), provenance=case.provenance(), probabilities=probabilities)

@@ -1,0 +1,181 @@
+"""DICOM series input that does not guess: real CT series (CTChest4 written slice by slice with pydicom)
+read into a case library, and every refusal: several series, a --series that is not there, missing
+slices, uneven spacing, gantry tilt, mixed orientations, two slices at one position."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from dicom_helpers import ctchest_image, write_series
+
+
+@pytest.fixture(scope="module")
+def chest() -> sitk.Image:
+    return ctchest_image()
+
+
+@pytest.fixture
+def label(slicerio_data) -> Path:
+    return slicerio_data / "Segmentation.seg.nrrd"
+
+
+def _add(cli, library: Path, image: Path, label: Path, *extra: str):
+    return cli(["cases", "add", "--library", str(library), "--image", str(image), "--label", str(label),
+                "--modality", "CT", *extra])
+
+
+def test_cases_add_from_a_dicom_series_keeps_voxels_geometry_and_records_the_series(cli, tmp_path, chest, label):
+    written = write_series(chest, tmp_path / "study" / "CT")
+    status, events = _add(cli, tmp_path / "lib", tmp_path / "study" / "CT", label, "--id", "chest")
+    assert status == 0, events[-2:]
+    manifest = json.loads((tmp_path / "lib" / "cases.json").read_text(encoding="utf-8"))
+    case = manifest["cases"][0]
+    dicom = case["provenance"]["dicom"][0]
+    assert dicom["series_instance_uid"] == written["series_uid"]
+    assert dicom["study_instance_uid"] == written["study_uid"]
+    assert dicom["frame_of_reference_uid"] == written["frame_uid"]
+    assert (dicom["modality"], dicom["description"], dicom["slices"]) == ("CT", "CT chest", 34)
+    assert dicom["first_sop_instance_uid"] == written["sop_uids"][0]
+    assert "Test^Chest" not in json.dumps(manifest) and "MT-0001" not in json.dumps(manifest)  # no patient data
+    assert str(tmp_path / "study" / "CT") in case["provenance"]["source"]
+    stored = sitk.ReadImage(str(tmp_path / "lib" / case["images"]["CT"]))
+    # The HU values and the geometry of the volume the series was made from, voxel for voxel.
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(stored), sitk.GetArrayFromImage(chest))
+    np.testing.assert_allclose(stored.GetOrigin(), chest.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(stored.GetSpacing(), chest.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(stored.GetDirection(), chest.GetDirection(), atol=1e-6)
+
+
+def _two_series(folder: Path, chest: sitk.Image) -> tuple[dict, dict]:
+    """The full series and a second, thinner 'reconstruction' of the same study in one folder."""
+    first = write_series(chest, folder, description="CT chest 10 mm", series_number=2, prefix="A")
+    half = sitk.Resample(chest, [128, 128, 17], sitk.Transform(), sitk.sitkNearestNeighbor, chest.GetOrigin(),
+                         (chest.GetSpacing()[0], chest.GetSpacing()[1], 20.0), chest.GetDirection())
+    second = write_series(half, folder, study_uid=first["study_uid"], frame_uid=first["frame_uid"],
+                          description="CT chest 20 mm", series_number=3, prefix="B")
+    return first, second
+
+
+def test_a_folder_with_several_series_is_refused_with_the_list_and_series_picks_one(cli, tmp_path, chest, label):
+    folder = tmp_path / "study"
+    first, second = _two_series(folder, chest)
+    status, events = _add(cli, tmp_path / "lib", folder, label)
+    assert status == 2
+    error = events[-1]
+    assert error["code"] == "DICOM_MULTIPLE_SERIES"
+    listed = {s["series_instance_uid"]: s for s in error["series"]}
+    assert set(listed) == {first["series_uid"], second["series_uid"]}
+    assert listed[second["series_uid"]]["slices"] == 17 and listed[second["series_uid"]]["modality"] == "CT"
+    assert listed[first["series_uid"]]["description"] == "CT chest 10 mm"
+    assert first["series_uid"] in error["message"] and "--series" in error["hint"]
+    assert not (tmp_path / "lib" / "cases.json").exists()  # nothing half-added
+
+    status, events = _add(cli, tmp_path / "lib", folder, label, "--series", first["series_uid"])
+    assert status == 0, events[-2:]
+    case = json.loads((tmp_path / "lib" / "cases.json").read_text(encoding="utf-8"))["cases"][0]
+    assert case["provenance"]["dicom"][0]["series_instance_uid"] == first["series_uid"]
+    assert sitk.ReadImage(str(tmp_path / "lib" / case["images"]["CT"])).GetSize() == (128, 128, 34)
+
+    status, events = _add(cli, tmp_path / "lib", folder, label, "--series", "1.2.3.4.5")
+    assert status == 2 and events[-1]["code"] == "DICOM_SERIES_NOT_FOUND"
+    assert {s["series_instance_uid"] for s in events[-1]["series"]} == {first["series_uid"], second["series_uid"]}
+
+
+def test_non_image_objects_beside_the_series_are_ignored(tmp_path, chest):
+    from MedTuningLib.data.io import read_case_inputs
+
+    written = write_series(chest, tmp_path / "CT")
+    import pydicom
+
+    # A structured-report-like object of another series in the same folder: not an image series.
+    ds = pydicom.dcmread(str(written["files"][0]))
+    ds.Modality = "SR"
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    del ds.ImagePositionPatient
+    ds.save_as(str(tmp_path / "CT" / "report.dcm"))
+    (tmp_path / "CT" / "notes.txt").write_text("not DICOM", encoding="utf-8")
+    notes: list[str] = []
+    case = read_case_inputs([tmp_path / "CT"], log=notes.append)
+    assert case.dicom[0].info.uid == written["series_uid"] and case.array.shape == (1, 34, 128, 128)
+    assert any("non-image" in n for n in notes), notes
+
+
+def _refused(tmp_path: Path, chest: sitk.Image, **kwargs) -> dict:
+    from MedTuningLib.data.io import read_case_inputs
+    from MedTuningLib.errors import MedTuningError
+
+    write_series(chest, tmp_path / "CT", **kwargs)
+    with pytest.raises(MedTuningError) as info:
+        read_case_inputs([tmp_path / "CT"])
+    return {"code": info.value.code, "message": info.value.message, **info.value.details}
+
+
+def test_a_missing_slice_is_refused(tmp_path, chest):
+    error = _refused(tmp_path, chest, skip=(12,))
+    assert error["code"] == "DICOM_MISSING_SLICES" and error["missing"] == 1, error
+
+
+def test_two_missing_slices_in_a_row_are_counted(tmp_path, chest):
+    error = _refused(tmp_path, chest, skip=(5, 6))
+    assert error["code"] == "DICOM_MISSING_SLICES" and error["missing"] == 2, error
+
+
+def test_uneven_spacing_is_refused(tmp_path, chest):
+    def shift(k, ds):
+        if k >= 20:  # one step of 14 mm among steps of 10 mm: not a whole number of missing slices
+            ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1],
+                                       f"{float(ds.ImagePositionPatient[2]) + 4.0:.6f}"]
+
+    error = _refused(tmp_path, chest, modify=shift)
+    assert error["code"] == "DICOM_UNEVEN_SPACING", error
+    assert error["min_spacing"] == pytest.approx(10.0, abs=1e-3) and error["max_spacing"] == pytest.approx(14.0, abs=1e-3)
+
+
+def test_a_gantry_tilt_is_refused(tmp_path, chest):
+    tilt = math.radians(12.0)
+
+    def shear(k, ds):  # each slice shifted along y by tan(tilt) * its distance along z: a tilted gantry
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [f"{x:.6f}", f"{y + math.tan(tilt) * 10.0 * k:.6f}", f"{z:.6f}"]
+
+    error = _refused(tmp_path, chest, modify=shear)
+    assert error["code"] == "DICOM_GANTRY_TILT", error
+    assert error["tilt_degrees"] == pytest.approx(12.0, abs=0.05)
+
+
+def test_mixed_orientations_are_refused(tmp_path, chest):
+    def rotate(k, ds):
+        if k == 7:  # one slice of another stack (e.g. a localizer) with the same series UID
+            ds.ImageOrientationPatient = ["0", "-1", "0", "-1", "0", "0"]
+
+    error = _refused(tmp_path, chest, modify=rotate)
+    assert error["code"] == "DICOM_MIXED_ORIENTATION" and "IM0007" in error["message"], error
+
+
+def test_two_slices_at_one_position_are_refused(tmp_path, chest):
+    def repeat(k, ds):
+        if k == 9:
+            ds.ImagePositionPatient = [f"{v:.6f}" for v in chest.TransformIndexToPhysicalPoint((0, 0, 8))]
+
+    error = _refused(tmp_path, chest, modify=repeat)
+    assert error["code"] == "DICOM_SERIES_INCONSISTENT" and "position of another" in error["message"], error
+
+
+def test_slices_written_in_shuffled_order_are_read_in_position_order(tmp_path, chest):
+    from MedTuningLib.data.io import read_case_inputs
+
+    # Instance numbers and file names reversed: only the positions say where a slice belongs.
+    def renumber(k, ds):
+        ds.InstanceNumber = 100 - k
+
+    write_series(chest, tmp_path / "CT", modify=renumber)
+    for i, path in enumerate(sorted((tmp_path / "CT").iterdir())):
+        path.rename(tmp_path / "CT" / f"x{(7919 * i) % 34:02d}-{i}.dcm")
+    case = read_case_inputs([tmp_path / "CT"])
+    np.testing.assert_array_equal(case.array[0], sitk.GetArrayFromImage(chest).astype(np.float32))
