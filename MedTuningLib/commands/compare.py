@@ -222,9 +222,10 @@ def _evaluate(models: list[ModelSummary], args, ctx) -> None:
 def run(args, ctx) -> dict:
     """Build the comparison table; print it (text mode) and write it under ``--out``."""
     ctx.events.start("compare", device=args.device if args.library is not None else None)
-    if args.out is not None and Path(args.out).is_dir():  # refused before minutes of evaluation, not after
+    if args.out is not None:  # refused before minutes of evaluation, not after
+        inputs = [("model folder", Path(m)) for m in args.models] + [("case library (--library)", args.library)]
         refuse_to_replace(Path(args.out), ("compare.md", "compare.csv", "compare.json"), "comparison",
-                          getattr(args, "force", False))
+                          getattr(args, "force", False), inputs=inputs, option="--out", keys=("columns", "rows"))
     models = [read_model_summary(Path(folder)) for folder in args.models]
     if args.library is not None:
         _evaluate(models, args, ctx)

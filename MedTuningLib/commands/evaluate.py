@@ -22,7 +22,8 @@ def run(args, ctx) -> dict:
 
         report_dir = check_writable_dir(Path(args.report), "report")
         refuse_to_replace(report_dir, ("report.json", "report.md", "report.html"), "evaluation report",
-                          getattr(args, "force", False))
+                          getattr(args, "force", False), keys=("summary", "cases"),
+                          inputs=[("case library (--library)", args.library), ("model folder (--model)", args.model)])
         created = next((p for p in reversed([report_dir, *report_dir.parents]) if not p.exists()), None)
     try:
         report = evaluate_model(args.model, args.library, split=args.split, device=args.device, events=ctx.events,

@@ -13,7 +13,6 @@ with a segmentation drawn in Slicer (``Segmentation.seg.nrrd``). The demo
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from pathlib import Path
 from MedTuningLib.cancel import CancelToken
 from MedTuningLib.errors import MedTuningError
 from MedTuningLib.events import EventStream
-from MedTuningLib.fileio import ensure_writable_dir, publish_dir, write_bytes_atomic, write_json_atomic
+from MedTuningLib.fileio import (check_output_folder, ensure_writable_dir, replace_dir, write_bytes_atomic,
+                                 write_json_atomic)
 
 DEMO_SEGMENTS = ["right lung", "left lung"]
 # Fraction of the slices, in slice order (from the inferior end), used for training; the rest is held out.
@@ -123,10 +123,10 @@ def run_demo(out: Path, events: EventStream, cancel: CancelToken, weights: str =
     out = Path(out).absolute()
     torch_device = resolve_device(device)
     events.start("demo", device=str(torch_device))
-    if out.exists() and not force:
-        raise MedTuningError("OUTPUT_EXISTS", f"{out} already exists", "pass --force to replace it, or another --out")
+    check_output_folder(out, "demo", force)  # --force replaces only an earlier demo output
     work = out.with_name(out.name + ".partial")
     if work.exists():
+        check_output_folder(work, "demo-partial", True, option="the demo's working folder")
         shutil.rmtree(work)  # a killed earlier demo: its files are all regenerated
     ensure_writable_dir(work, "demo")
 
@@ -171,14 +171,8 @@ def run_demo(out: Path, events: EventStream, cancel: CancelToken, weights: str =
     for region in DEMO_SEGMENTS:
         events.metric("evaluate", f"dice/{region}", summary["dice_held_out_slab"][region], protocol="held-out slab")
         events.metric("evaluate", f"dice/{region}", summary["dice_whole_volume"][region], protocol="whole volume")
-    old = None
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    publish_dir(work, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    check_output_folder(out, "demo", force)  # again: the folder may have changed during the run
+    replace_dir(work, out)
     if not events.jsonl:
         events.out.write((out / "demo-report.md").read_text(encoding="utf-8"))
     return {"model": str(out / "model"), "segmentation": str(out / "CTChest4.seg.nrrd"),

@@ -31,7 +31,8 @@ from MedTuningLib.engine.modelfolder import (load_model_folder, load_safetensors
                                              weights_to_store, write_model_folder)
 from MedTuningLib.errors import Cancelled, MedTuningError
 from MedTuningLib.events import EventStream
-from MedTuningLib.fileio import FileLock, ensure_writable_dir, publish_dir, read_json, write_json_atomic
+from MedTuningLib.fileio import (FileLock, check_output_folder, ensure_writable_dir, read_json, replace_dir,
+                                 write_json_atomic)
 from MedTuningLib.models.base import compact_frozen_weights
 
 STATE_JSON = "state.json"
@@ -337,10 +338,15 @@ class TrainingRun:
         self.curves = None
 
     # -- preparation --------------------------------------------------------------------------------
+    def _inputs(self) -> list[tuple[str, Path | None]]:
+        """What the run reads: never replaced by its output (issue 15: --force once deleted the library)."""
+        weights = Path(self.opts.weights) if self.opts.weights not in ("hub", "none", "auto") else None
+        return [("case library (--library)", Path(self.opts.library)),
+                ("model folder of --init-from", self.opts.init_from), ("base-weights file (--weights)", weights)]
+
     def _check_output(self) -> None:
-        if self.out.exists() and not self.opts.force:
-            raise MedTuningError("OUTPUT_EXISTS", f"model folder {self.out} already exists",
-                                 "choose another --out, or pass --force to replace it once the new model is complete")
+        # --force replaces only an earlier model folder (medtuning.json and MedTuning's own files).
+        check_output_folder(self.out, "model", self.opts.force, inputs=self._inputs())
         if self.work.exists() and not self.opts.resume:
             if (self.work / STATE_JSON).exists():
                 raise MedTuningError("OUTPUT_EXISTS", f"an interrupted run of this model is in {self.work}",
@@ -443,9 +449,11 @@ class TrainingRun:
                 lock = FileLock(self.work / ".lock", "OUTPUT_LOCKED", "model folder").acquire()
             self.cancel.watch_dir = self.work
             return self._run(device)
-        except BaseException:
-            # A run that failed before its first resumable state leaves nothing behind.
-            if created and lock is not None and not (self.work / STATE_JSON).exists():
+        except BaseException as exc:
+            # A run that failed before its first resumable state leaves nothing behind; nor does a diverged
+            # one (resuming it with the same settings diverges again).
+            diverged = isinstance(exc, MedTuningError) and exc.code == "TRAINING_DIVERGED"
+            if created and lock is not None and (diverged or not (self.work / STATE_JSON).exists()):
                 lock.release()
                 lock = None
                 shutil.rmtree(self.work, ignore_errors=True)
@@ -643,6 +651,13 @@ class TrainingRun:
                 loss.backward()
             total += float(loss.detach())
         optimizer.step()
+        # The loss is computed before the update: an update that makes a weight NaN/Inf (e.g. --lr too
+        # large) shows only here. Such a run stops; nothing is published.
+        tuned = [p for group in optimizer.param_groups for p in group["params"]]
+        if tuned and not bool(torch.stack([torch.isfinite(p).all() for p in tuned]).all()):
+            raise MedTuningError("TRAINING_DIVERGED", "the tuned weights became NaN or infinite after an optimiser "
+                                 f"step (learning rate {optimizer.param_groups[0]['lr']:g})",
+                                 "lower --lr (e.g. 5e-4), or use --precision fp32; no model was written")
         return total
 
     def _metric(self, phase: str, epoch: int, name: str, value: float) -> None:
@@ -707,21 +722,15 @@ class TrainingRun:
         }
         write_model_folder(self.work, model, manifest, tensors)
         self.curves.write()
-        old = None
-        if self.out.exists() and opts.force:
-            old = self.out.with_name(self.out.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.out, old)
+        # Checked again right before replacing: the folder may have changed during the run.
+        check_output_folder(self.out, "model", opts.force, inputs=self._inputs())
         (self.work / ".lock").unlink(missing_ok=True)
-        publish_dir(self.work, self.out)
+        replace_dir(self.work, self.out)
         # The resume state and cache are working files, not part of the model. They go only after
         # the model is published: a kill before this point leaves a resumable run, after it a model.
         for path in list(self.out.iterdir()):
             if path.name.startswith("state") or path.name in (BEST_WEIGHTS, "cache", "STOP"):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         events.checkpoint(str(self.out), epochs_done, best=True)
         events.progress("write", 1, 1)
         return {"model": str(self.out), "best_epoch": best["epoch"], "best": best["metrics"]}
