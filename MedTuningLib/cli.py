@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 import traceback
@@ -29,6 +30,7 @@ METHODS = ("med_tuning", "full", "head", "scratch", "vpt_shallow", "vpt_deep", "
 TASKS = ("kits", "brats", "custom")
 SOURCE_LABELS = ("brats2015", "brats2019", "brats2023")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_SIZE = 4096  # voxels along one axis of a crop: beyond any scanner's matrix
 SPLITS = ("train", "val", "test")
 
 
@@ -60,6 +62,8 @@ def _crop(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"crop must look like DxHxW (e.g. 16x128x128), not {text!r}")
     if len(dims) != 3 or min(dims) < 1:
         raise argparse.ArgumentTypeError(f"crop must be three positive sizes DxHxW, not {text!r}")
+    if max(dims) > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"crop sizes must be at most {MAX_SIZE} voxels, not {text!r}")
     return dims  # type: ignore[return-value]
 
 
@@ -70,10 +74,39 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _finite(text: str) -> float:
+    # Every number that reaches the optimiser, a manifest or a file is finite (issue 15: --lr inf).
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or positive, not {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, not {text}")
+    return value
+
+
+def _overlap(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, not {text}")
     return value
 
 
@@ -135,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps per epoch (default: one pass over the training cases' crops)")
     p.add_argument("--minutes", type=_positive_float, default=None, help="time budget; stops cleanly when spent")
     p.add_argument("--lr", type=_positive_float, default=2e-3, help="learning rate (paper: 2e-3)")
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up before the cosine schedule")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=1e-5)
+    p.add_argument("--warmup-epochs", type=_non_negative_int, default=None, help="linear warm-up before the cosine schedule")
     p.add_argument("--loss", choices=("dice", "dice_ce"), default="dice_ce", help="dice (paper) or dice+cross-entropy")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast precision (auto: bf16 where the device supports it)")
@@ -147,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split used for validation (falls back to a held-out train case when empty)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--workers", type=_non_negative_int, default=0, help="data-loading worker processes")
     p.add_argument("--init-from", type=Path, default=None, help="warm start from an earlier model folder")
     p.add_argument("--resume", action="store_true", help="continue OUT.partial/ from its last saved state")
     p.add_argument("--force", action="store_true", help="replace an existing OUT (kept until the new one is complete)")
@@ -177,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results of a --batch-list folder: .seg.nrrd, DICOM SEG (.dcm), or both")
     p.add_argument("--labelmap", type=Path, default=None, help="also write a labelmap (e.g. .nii.gz)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (0..1)")
-    p.add_argument("--min-component", type=int, default=0,
+    p.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap (0..1)")
+    p.add_argument("--min-component", type=_non_negative_int, default=0,
                    help="remove connected components smaller than this many voxels (0: keep all)")
     p.add_argument("--weights", default=None, help="base-weights file, when not where the model folder recorded")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
@@ -194,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None, help="folder for report.json / report.md / report.html")
     p.add_argument("--force", action="store_true", help="replace an earlier report in --report")
     p.add_argument("--tta", action="store_true")
-    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--overlap", type=_overlap, default=0.5)
     p.add_argument("--weights", default=None)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--device", choices=DEVICES, default="auto")
@@ -385,6 +418,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         events.done("cancelled")
         return EXIT_CANCELLED
     except Exception as exc:  # a bug: still an event with a code, never a bare traceback on stdout
+        from MedTuningLib.fileio import os_failure
+
+        # Disk full, permission, name too long where no command named it: still their code (issue 15).
+        mapped = os_failure(exc, Path(getattr(exc, "filename", None) or "(unknown path)"), "output")
+        if mapped is not None:
+            events.error(**mapped.to_event())
+            return mapped.exit_status
         traceback.print_exc(file=sys.stderr)
         events.error("INTERNAL_ERROR", f"{type(exc).__name__}: {exc}",
                      "this is a bug in MedTuning; please report it with the command and the log above")

@@ -148,3 +148,30 @@ def test_batch_list_refusals(model, cli, tmp_path):
     _write_csv(listing, [{"image": "a.nrrd", "out": "a.seg.nrrd"}], ["image", "out"])
     status, events = cli(["segment", "--model", str(tmp_path), "--batch-list", str(listing)])
     assert status == 2 and events[-1]["code"] == "MODEL_FOLDER_INVALID"
+
+
+def test_slicer_bridge_batch_command_runs_on_the_real_backend(model, cli, tmp_path):
+    """What the Slicer module sends for "segment all selected volumes": a CSV and one argv."""
+    import ast
+
+    from MedTuningLib.slicer_bridge import commands
+    from MedTuningLib.slicer_bridge.commands import BatchScan, SegmentBatchParams, write_batch_csv
+
+    first, _ = write_blob_case(tmp_path / "scene export", "vol 1", seed=50)
+    second, _ = write_blob_case(tmp_path / "scene export", "vol 2", seed=51)
+    (tmp_path / "jobs").mkdir()
+    listing = write_batch_csv(tmp_path / "jobs" / "batch.csv",
+                              [BatchScan([first], tmp_path / "results" / "vol 1.seg.nrrd", id="vol 1"),
+                               BatchScan([second], tmp_path / "results" / "vol 2.seg.nrrd")], ["MR"])
+    argv = SegmentBatchParams(model=model, batch_list=listing, device="cpu").argv()
+    assert argv[:3] == ["segment", f"--model={model}", f"--batch-list={listing}"]
+    status, events = cli(argv)
+    assert status == 0, events[-2:]
+    assert [s["scan"] for s in events[-1]["outputs"]["scans"]] == ["vol 1", "scan2"]
+    assert (tmp_path / "results" / "vol 1.seg.nrrd").is_file() and (tmp_path / "results" / "vol 2.seg.nrrd").is_file()
+    with pytest.raises(ValueError):
+        SegmentBatchParams(model=model, batch_list=listing, batch_format="nifti").argv()
+    with pytest.raises(ValueError):
+        write_batch_csv(tmp_path / "x.csv", [BatchScan([first, second], tmp_path / "o.seg.nrrd")], ["MR"])
+    # The bridge runs inside Slicer: Python 3.9 syntax.
+    ast.parse(Path(commands.__file__).read_text(encoding="utf-8"), feature_version=(3, 9))

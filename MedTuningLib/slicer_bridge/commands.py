@@ -146,6 +146,65 @@ class SegmentParams:
 
 
 @dataclass
+class BatchScan:
+    """One row of a batch list: images in the model's channel order (files or DICOM series folders), the
+    result (.seg.nrrd or .dcm), optionally a DICOM SEG besides it and the series UIDs to read."""
+
+    images: Sequence[PathLike]
+    out: PathLike
+    id: Optional[str] = None
+    dicom_seg: Optional[PathLike] = None
+    series: Sequence[str] = ()
+
+
+def write_batch_csv(path: PathLike, scans: Sequence[BatchScan], modalities: Sequence[str]) -> Path:
+    """The CSV ``medtuning segment --batch-list`` reads (columns: id, one per modality, out, dicom_seg,
+    series), written with absolute paths so it does not matter where the backend runs."""
+    import csv
+
+    if not scans:
+        raise ValueError("a batch needs at least one scan")
+    columns = ["id", *modalities, "out", "dicom_seg", "series"]
+    path = Path(path)
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for index, scan in enumerate(scans, start=1):
+            images = [os.path.abspath(os.fspath(p)) for p in scan.images]
+            if len(images) != len(modalities):
+                raise ValueError(f"scan {index} has {len(images)} image(s) for {len(modalities)} modalities")
+            writer.writerow([scan.id or f"scan{index}", *images, os.path.abspath(os.fspath(scan.out)),
+                             os.path.abspath(os.fspath(scan.dicom_seg)) if scan.dicom_seg is not None else "",
+                             ";".join(scan.series)])
+    return path
+
+
+@dataclass
+class SegmentBatchParams:
+    """``medtuning segment --batch-list``: many scans with one model load (the Slicer module's "segment all
+    selected volumes", or all scans of a DICOM study, in one job). ``batch_list`` is a CSV from
+    :func:`write_batch_csv` or a folder with one scan per sub-folder (then ``out`` is the results folder)."""
+
+    model: PathLike
+    batch_list: PathLike
+    out: Optional[PathLike] = None
+    batch_format: Optional[str] = None
+    seg_type: Optional[str] = None
+    tta: bool = False
+    device: Optional[str] = None
+    weights: Optional[PathLike] = None
+    force: bool = False
+
+    def argv(self) -> list[str]:
+        _choice("device", self.device, DEVICES)
+        _choice("batch_format", self.batch_format, ("seg.nrrd", "dcm", "both"))
+        _choice("seg_type", self.seg_type, ("binary", "fractional"))
+        return ["segment", *_opt("model", self.model), *_opt("batch-list", self.batch_list), *_opt("out", self.out),
+                *_opt("batch-format", self.batch_format), *_opt("seg-type", self.seg_type), *_flag("tta", self.tta),
+                *_opt("weights", self.weights), *_opt("device", self.device), *_flag("force", self.force)]
+
+
+@dataclass
 class EvaluateParams:
     """``medtuning evaluate``: Dice / HD95 of a model on a library split."""
 
