@@ -143,6 +143,8 @@ class MedTuningMrmlLogic:
     def start_retune(self, model: ModelInfo, epochs: int, device: str = "auto", **train: Any) -> Job:
         """Warm start from ``model`` on the whole case library (short schedule) into ``<model>-retuned``."""
         task = model.task if model.task in ("kits", "brats") else "custom"
+        # The base weights the model was tuned from: not pretrained stays not pretrained.
+        train.setdefault("weights", "none" if model.pretrained is False else "hub")
         return self.start_fine_tune([], model.modalities, f"{model.name}-retuned", kind="retune", task=task,
                                     epochs=epochs, device=device, init_from=model.path, **train)
 
