@@ -8,4 +8,4 @@ This package is Slicer-free: it never imports ``slicer``, ``qt`` or ``vtk``. The
 __version__ = "0.1.0"
 
 # Version of the model folder / case library formats this release writes and can read.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the same as MedTuningLib.schema.FORMAT_VERSION (the records live there)

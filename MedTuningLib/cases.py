@@ -21,29 +21,31 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from MedTuningLib import FORMAT_VERSION, __version__
 from MedTuningLib.errors import MedTuningError
 from MedTuningLib.fileio import FileLock, ensure_writable_dir, read_json, write_json_atomic
+from MedTuningLib.schema import (LABELLED_SPLITS, PROVENANCES, SPLITS, CaseManifest, CaseRecord, Provenance,
+                                 SegmentEffort)
 
 MANIFEST_NAME = "cases.json"
 LOCK_NAME = ".cases.lock"
 CASES_DIR = "cases"
-SPLITS = ("train", "val", "test")
-PROVENANCES = ("import", "scene", "correction")
 # File formats kept as they are; anything else (DICOM folders, .mhd + .raw, .nhdr, Analyze) is converted to NRRD.
 _KEPT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 @dataclass
 class Case:
-    """One labelled case of a library; paths in the manifest are relative to ``root``."""
+    """One case of a library; paths in the manifest are relative to ``root``. ``label`` is None for an
+    unlabelled scan (split ``unlabelled``). ``provenance`` is the JSON form of
+    :class:`MedTuningLib.schema.Provenance` (typed: :attr:`provenance_record`)."""
 
     id: str
     images: dict[str, str]  # modality name -> relative path, in channel order
-    label: str
+    label: str | None
     split: str = "train"
     provenance: dict[str, Any] = field(default_factory=dict)
     root: Path = field(default=Path("."), compare=False, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # fields of newer writers
 
     @property
     def modalities(self) -> list[str]:
@@ -54,66 +56,54 @@ class Case:
         return [self.root / rel for rel in self.images.values()]
 
     @property
+    def labelled(self) -> bool:
+        return self.label is not None
+
+    @property
     def label_path(self) -> Path:
+        if self.label is None:
+            raise MedTuningError("EMPTY_LABEL", f"case {self.id!r} is an unlabelled scan (split 'unlabelled')",
+                                 "correct it and add the corrected case, or leave it to 'medtuning suggest'",
+                                 case=self.id)
         return self.root / self.label
 
+    @property
+    def files(self) -> list[str]:
+        """Relative paths of the case's files (images, then the label when there is one)."""
+        return [*self.images.values(), *([self.label] if self.label is not None else [])]
+
+    @property
+    def provenance_record(self) -> Provenance:
+        return Provenance.from_dict(self.provenance)
+
+    def record(self) -> CaseRecord:
+        return CaseRecord(id=self.id, images=dict(self.images), label=self.label, split=self.split,
+                          provenance=Provenance.from_dict(self.provenance), extra=dict(self.extra))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "images": dict(self.images), "label": self.label, "split": self.split,
-                "provenance": dict(self.provenance)}
+        return self.record().to_dict()
+
+    @classmethod
+    def from_record(cls, record: CaseRecord, root: Path) -> "Case":
+        return cls(id=record.id, images=dict(record.images), label=record.label, split=record.split,
+                   provenance=record.provenance.to_dict(), root=root, extra=dict(record.extra))
 
     @classmethod
     def from_dict(cls, data: Any, root: Path) -> "Case":
-        if not isinstance(data, dict):
-            raise ValueError("a case is not a JSON object")
-        images = data.get("images")
-        if not isinstance(images, dict) or not images or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in images.items()):
-            raise ValueError(f"case {data.get('id')!r} has no valid 'images' mapping")
-        if not isinstance(data.get("id"), str) or not data["id"]:
-            raise ValueError("a case has no id")
-        if not isinstance(data.get("label"), str):
-            raise ValueError(f"case {data['id']!r} has no label path")
-        split = data.get("split", "train")
-        if split not in SPLITS:
-            raise ValueError(f"case {data['id']!r} has split {split!r}, not one of {SPLITS}")
-        provenance = data.get("provenance") or {}
-        if not isinstance(provenance, dict):
-            raise ValueError(f"case {data['id']!r} has a provenance that is not an object")
-        return cls(id=data["id"], images=dict(images), label=data["label"], split=split,
-                   provenance=dict(provenance), root=root)
+        return cls.from_record(CaseRecord.from_dict(data), root)
 
 
-def manifest_to_dict(cases: Iterable[Case]) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "medtuning_version": __version__,
-            "cases": [c.to_dict() for c in cases]}
+def manifest_to_dict(cases: Iterable[Case], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return CaseManifest(cases=[c.record() for c in cases], extra=dict(extra or {})).to_dict()
 
 
 def parse_manifest(data: Any, root: Path, where: str = MANIFEST_NAME) -> list[Case]:
     """Cases from a manifest object, with every check (LIBRARY_INVALID, LIBRARY_TOO_NEW, PATH_ESCAPES_LIBRARY)."""
-    if not isinstance(data, dict) or "cases" not in data or not isinstance(data["cases"], list):
-        raise MedTuningError("LIBRARY_INVALID", f"{where} is not a MedTuning case manifest (no 'cases' list)",
-                             "restore cases.json from a backup, or start a new library folder")
-    version = data.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise MedTuningError("LIBRARY_INVALID", f"{where} has no valid format_version",
-                             "restore cases.json from a backup")
-    if version > FORMAT_VERSION:
-        raise MedTuningError("LIBRARY_TOO_NEW", f"{where} has format version {version}; MedTuning {__version__} "
-                             f"reads up to {FORMAT_VERSION}", "update MedTuning to use this case library")
-    cases: list[Case] = []
-    seen: set[str] = set()
-    for entry in data["cases"]:
-        try:
-            case = Case.from_dict(entry, root)
-        except ValueError as exc:
-            raise MedTuningError("LIBRARY_INVALID", f"{where}: {exc}", "restore cases.json from a backup") from exc
-        if case.id in seen:
-            raise MedTuningError("LIBRARY_INVALID", f"{where} lists case {case.id!r} twice",
-                                 "remove the duplicate entry from cases.json")
-        seen.add(case.id)
-        for rel in [*case.images.values(), case.label]:
+    manifest = CaseManifest.from_dict(data, where)
+    cases = [Case.from_record(record, root) for record in manifest.cases]
+    for case in cases:
+        for rel in case.files:
             resolve_inside(root, rel)
-        cases.append(case)
     return cases
 
 
@@ -212,7 +202,9 @@ class CaseLibrary:
                                      "give a case library folder, or an empty folder to start one")
             return []  # an empty folder is an empty library
         data = read_json(self.manifest_path, "LIBRARY_INVALID", "case library manifest")
-        return parse_manifest(data, self.root, str(self.manifest_path))
+        cases = parse_manifest(data, self.root, str(self.manifest_path))
+        self._extra = CaseManifest.from_dict(data, str(self.manifest_path)).extra  # written back unchanged
+        return cases
 
     def cases(self, split: str | None = None) -> list[Case]:
         """The library's cases in the order they were added, optionally of one split."""
@@ -235,9 +227,9 @@ class CaseLibrary:
         return FileLock(self.root / LOCK_NAME, code="LIBRARY_LOCKED", what="case library")
 
     def _save(self, cases: Sequence[Case]) -> None:
-        write_json_atomic(self.manifest_path, manifest_to_dict(cases), "case library")
+        write_json_atomic(self.manifest_path, manifest_to_dict(cases, getattr(self, "_extra", None)), "case library")
 
-    def add(self, images: Sequence[Path], label: Path, modalities: Sequence[str] | None = None, split: str = "train",
+    def add(self, images: Sequence[Path], label: Path | None, modalities: Sequence[str] | None = None, split: str = "train",
             case_id: str | None = None, provenance: str = "import", source: str | None = None,
             log: Callable[[str], Any] | None = None, details: dict[str, Any] | None = None) -> Case:
         """Check a labelled case, copy its files into the library and list it; returns the new case.
@@ -245,7 +237,7 @@ class CaseLibrary:
         from MedTuningLib.data.io import inspect_label, read_case_images
 
         images = [Path(p) for p in images]
-        label = Path(label)
+        label = Path(label) if label is not None else None
         if not images:
             raise MedTuningError("MODALITY_COUNT_MISMATCH", "a case needs at least one image", "give --image FILE")
         if modalities is None:
@@ -259,7 +251,14 @@ class CaseLibrary:
                                  "name each modality once, e.g. --modality T1 --modality FLAIR")
         if split not in SPLITS:
             raise MedTuningError("INVALID_OPTION", f"split {split!r} is not one of {', '.join(SPLITS)}",
-                                 "use --split train, val or test")
+                                 "use --split train, val, test or unlabelled")
+        if label is None and split != "unlabelled":
+            raise MedTuningError("INVALID_OPTION", f"a case of split {split!r} needs a --label",
+                                 "give --label FILE, or add the scan with --split unlabelled (never trained on; "
+                                 "'medtuning suggest' ranks such scans for correction)")
+        if label is not None and split == "unlabelled":
+            raise MedTuningError("INVALID_OPTION", "--split unlabelled is for scans without a label, but a --label "
+                                 "was given", "drop --label, or choose --split train, val or test")
         if provenance not in PROVENANCES:
             raise MedTuningError("INVALID_OPTION", f"provenance {provenance!r} is not one of {', '.join(PROVENANCES)}",
                                  "use import, scene or correction")
@@ -267,8 +266,8 @@ class CaseLibrary:
             raise MedTuningError("INVALID_OPTION", "the case id is empty", "give a non-empty --id")
         # Check everything before touching the library: readable images on overlapping grids, a label on the grid.
         _, reference = read_case_images(images, log=log)
-        info = inspect_label(label, reference)
-        if info.empty_segments and log is not None:
+        info = inspect_label(label, reference) if label is not None else None
+        if info is not None and info.empty_segments and log is not None:
             log(f"{label.name}: segment(s) {', '.join(map(repr, info.empty_segments))} are empty (no voxels); "
                 "the case is added, but it teaches nothing about those structures")
 
@@ -311,15 +310,16 @@ class CaseLibrary:
                 for modality, src in zip(modalities, images):
                     name = _copy_into(src, staging, _slug(modality))
                     rel_images[modality] = f"{CASES_DIR}/{folder_name}/{name}"
-                label_name = _copy_into(label, staging, "label")
+                label_name = _copy_into(label, staging, "label") if label is not None else None
                 os.replace(staging, cases_dir / folder_name)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            case = Case(id=case_id, images=rel_images, label=f"{CASES_DIR}/{folder_name}/{label_name}", split=split,
+            case = Case(id=case_id, images=rel_images,
+                        label=f"{CASES_DIR}/{folder_name}/{label_name}" if label_name is not None else None, split=split,
                         provenance={**(details or {}), "added": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                     "from": provenance, "source": source if source is not None else
-                                    ", ".join(str(p) for p in [*images, label])},
+                                    ", ".join(str(p) for p in [*images, *([label] if label else [])])},
                         root=self.root)
             self._save([*cases, case])
         return case
@@ -335,9 +335,9 @@ class CaseLibrary:
             self._save([c for c in cases if c.id != case_id])
             # The manifest is updated first: a kill here leaves unlisted files, never a listed case without files.
             still_used = {resolve_inside(self.root, rel) for c in cases if c.id != case_id
-                          for rel in [*c.images.values(), c.label]}
+                          for rel in c.files}
             folders = set()
-            for rel in [*case.images.values(), case.label]:
+            for rel in case.files:
                 path = resolve_inside(self.root, rel)
                 if path not in still_used and path.is_file():
                     path.unlink()
@@ -350,13 +350,59 @@ class CaseLibrary:
     def set_split(self, case_id: str, split: str) -> Case:
         if split not in SPLITS:
             raise MedTuningError("INVALID_OPTION", f"split {split!r} is not one of {', '.join(SPLITS)}",
-                                 "use train, val or test")
+                                 "use train, val, test or unlabelled")
         with self._lock():
             cases = self._load()
             for case in cases:
                 if case.id == case_id:
+                    if case.label is None and split != "unlabelled":
+                        raise MedTuningError("INVALID_OPTION", f"case {case_id!r} has no label: it can only be in "
+                                             "split 'unlabelled'", "add the corrected (labelled) scan as a new case "
+                                             "with 'medtuning cases add'", case=case_id)
                     case.split = split
                     self._save(cases)
                     return case
         raise MedTuningError("CASE_NOT_FOUND", f"the library {self.root} has no case {case_id!r}",
                              "see the case ids with 'medtuning cases list'", case=case_id)
+
+
+def correction_effort(model_dir: Path, model_output: Path, corrected: Path, images: Sequence[Path],
+                      log: Callable[[str], Any] | None = None) -> dict[str, SegmentEffort]:
+    """Per segment the model writes: how much ``corrected`` (the radiologist's label) changed
+    ``model_output`` (the model's result for these images). Both are read on the first image's grid
+    and mapped with the model's label scheme (BraTS regions as the overlapping ET / TC / WT segments);
+    mm³ from the image spacing. A label the scheme cannot map is refused with the model named."""
+    import numpy as np
+
+    from MedTuningLib.data.io import read_case_images, read_label
+    from MedTuningLib.data.labels import LabelScheme
+    from MedTuningLib.schema import ModelManifest
+
+    MODEL_MANIFEST = "medtuning.json"  # (engine.modelfolder.MANIFEST_NAME; that module needs torch)
+
+    model_dir = Path(model_dir)
+    if not (model_dir / MODEL_MANIFEST).is_file():
+        raise MedTuningError("MODEL_FOLDER_INVALID", f"--from-model {model_dir} is not a model folder (no "
+                             f"{MODEL_MANIFEST})", "give the model folder whose result was corrected")
+    record = ModelManifest.from_dict(read_json(model_dir / MODEL_MANIFEST, "MODEL_FOLDER_INVALID",
+                                               "model description"), str(model_dir / MODEL_MANIFEST))
+    if len(images) != len(record.modalities):
+        raise MedTuningError("MODALITY_COUNT_MISMATCH", f"the model {model_dir} reads {len(record.modalities)} "
+                             f"image(s) ({', '.join(record.modalities)}); this case has {len(images)}",
+                             "name the model that produced the corrected result")
+    scheme = LabelScheme.from_dict(record.label_scheme)
+    _, reference = read_case_images(list(images), log=log)
+    before = read_label(Path(model_output), reference, scheme, allow_empty=True, log=log)
+    after = read_label(Path(corrected), reference, scheme, allow_empty=True, log=log)
+    voxel_mm3 = float(np.prod(reference.GetSpacing()))
+    masks_before, masks_after = scheme.output_masks(before), scheme.output_masks(after)
+    effort: dict[str, SegmentEffort] = {}
+    for name in masks_before:
+        b, a = masks_before[name], masks_after[name]
+        added, removed = int((a & ~b).sum()), int((b & ~a).sum())
+        total = int(a.sum()) + int(b.sum())
+        effort[name] = SegmentEffort(dice=2.0 * int((a & b).sum()) / total if total else 1.0, voxels_added=added,
+                                     voxels_removed=removed, mm3_added=added * voxel_mm3,
+                                     mm3_removed=removed * voxel_mm3, model_voxels=int(b.sum()),
+                                     corrected_voxels=int(a.sum()))
+    return effort

@@ -23,15 +23,10 @@ from MedTuningLib.cancel import CancelToken
 from MedTuningLib.errors import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, Cancelled,
                                  MedTuningError)
 from MedTuningLib.events import EventStream
+from MedTuningLib.schema import ARCHS, LABELLED_SPLITS, METHODS, PROVENANCES, SOURCE_LABELS, SPLITS, TASKS
 
-ARCHS = ("vit_upernet", "swin_unet", "vit_setr_naive", "vit_setr_pup", "vit_setr_mla", "vit_unet", "swin_unetr")
-METHODS = ("med_tuning", "full", "head", "scratch", "vpt_shallow", "vpt_deep", "adapter", "adaptformer",
-           "st_adapter", "pro_tuning")
-TASKS = ("kits", "brats", "custom")
-SOURCE_LABELS = ("brats2015", "brats2019", "brats2023")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_SIZE = 4096  # voxels along one axis of a crop: beyond any scanner's matrix
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -149,17 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="tune a model on a case library")
     p.add_argument("--library", type=Path, required=True, help="case library folder (cases.json)")
     p.add_argument("--out", type=Path, required=True, help="model folder to create (works in OUT.partial/)")
-    p.add_argument("--task", choices=TASKS, default="custom", help="label scheme preset")
+    # task, source labels, arch, method, weights: None = not given, so that a warm start (--init-from)
+    # takes them from the model folder and refuses only what contradicts it (defaults: TrainOptions).
+    p.add_argument("--task", choices=TASKS, default=None, help="label scheme preset (default custom)")
     p.add_argument("--labels", default=None,
                    help='custom label mapping for unnamed labelmaps, e.g. "Kidney=2,3;Spleen=1"')
-    p.add_argument("--source-labels", choices=SOURCE_LABELS, default="brats2015",
-                   help="label convention of the BraTS source files (brats task)")
+    p.add_argument("--source-labels", choices=SOURCE_LABELS, default=None,
+                   help="label convention of the BraTS source files (brats task; default brats2015)")
     p.add_argument("--segments", default=None,
                    help='custom task: train only these segments of the .seg.nrrd labels, e.g. "right lung,left lung"')
-    _add_model_options(p)
-    p.add_argument("--weights", default="hub",
-                   help="base weights: hub (Hugging Face cache or download), a local FILE, or none (random, "
-                        "not pretrained)")
+    _add_model_options(p, defaults=False)
+    p.add_argument("--weights", default=None,
+                   help="base weights: hub (Hugging Face cache or download; the default), a local FILE, or none "
+                        "(random, not pretrained); with --init-from: the model's, checked by sha256")
     p.add_argument("--crop", type=_crop, default=(16, 128, 128), help="training crop DxHxW (default 16x128x128)")
     p.add_argument("--batch", type=_positive_int, default=2, help="crops per step")
     p.add_argument("--accumulate", type=_positive_int, default=1, help="gradient accumulation steps")
@@ -177,13 +174,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation checkpointing of frozen blocks")
     p.add_argument("--val-every", type=_positive_int, default=1, help="validate every N epochs")
     p.add_argument("--val-split", choices=("val", "test", "train"), default="val",
-                   help="split used for validation (falls back to a held-out train case when empty)")
+                   help="split that picks the best epoch (falls back to the training cases when empty); 'test' is "
+                        "refused: test cases are only ever scored, never used for selection")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_non_negative_int, default=0, help="data-loading worker processes")
-    p.add_argument("--init-from", type=Path, default=None, help="warm start from an earlier model folder")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="warm start from an earlier model folder: its label scheme, modalities, preprocessing, "
+                        "architecture and base weights are kept (see also 'medtuning retune')")
     p.add_argument("--resume", action="store_true", help="continue OUT.partial/ from its last saved state")
     p.add_argument("--force", action="store_true", help="replace an existing OUT (kept until the new one is complete)")
+    _add_common(p)
+
+    # retune / history / suggest: the correction loop ------------------------------------------------
+    p = sub.add_parser("retune", help="warm-start a model on its case library after corrections (keeps its setup)")
+    p.add_argument("--model", type=Path, required=True, help="model folder to start from")
+    p.add_argument("--library", type=Path, required=True, help="case library (with the corrected cases)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="new model folder (default: MODEL-roundN beside the model, N its round + 1)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default 20)")
+    budget.add_argument("--minutes", type=_positive_float, default=None, help="time budget; stops cleanly when spent")
+    p.add_argument("--steps-per-epoch", type=_positive_int, default=None)
+    p.add_argument("--batch", type=_positive_int, default=None, help="crops per step (default: as the model was trained)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: as the model was trained)")
+    p.add_argument("--weights", default=None, help="the model's base-weights FILE when it has moved (sha256 checked)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue OUT.partial/ from its last saved state")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    _add_common(p)
+
+    p = sub.add_parser("history", help="held-out Dice per region and correction effort per round of a model")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--json", action="store_true", help="print the rounds as JSON")
+    _add_common(p)
+
+    p = sub.add_parser("suggest", help="rank the library's unlabelled scans by the model's uncertainty")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--library", type=Path, required=True)
+    p.add_argument("--top", type=_positive_int, default=None, help="list only the K most uncertain scans")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--json", action="store_true")
     _add_common(p)
 
     # segment -------------------------------------------------------------------------------------
@@ -223,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="Dice and HD95 of a model on a case library split")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--library", type=Path, required=True)
-    p.add_argument("--split", choices=SPLITS + ("all",), default="test")
+    p.add_argument("--split", choices=LABELLED_SPLITS + ("all",), default="test")
     p.add_argument("--report", type=Path, default=None, help="folder for report.json / report.md / report.html")
     p.add_argument("--force", action="store_true", help="replace an earlier report in --report")
     p.add_argument("--tta", action="store_true")
@@ -268,11 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("add", help="copy a labelled case into the library")
     c.add_argument("--library", type=Path, required=True)
     c.add_argument("--image", type=Path, action="append", required=True, help="one per modality, in channel order")
-    c.add_argument("--label", type=Path, required=True, help="labelmap or .seg.nrrd")
+    c.add_argument("--label", type=Path, default=None,
+                   help="labelmap or .seg.nrrd (required unless --split unlabelled)")
     c.add_argument("--modality", action="append", default=None, help="modality name per --image (e.g. CT, FLAIR)")
-    c.add_argument("--split", choices=SPLITS, default="train")
+    c.add_argument("--split", choices=SPLITS, default="train",
+                   help="train, val (picks the best epoch), test (held out: only scored) or unlabelled (a scan "
+                        "without a label, never trained on; 'medtuning suggest' ranks these)")
     c.add_argument("--id", dest="case_id", default=None, help="case id (default: from the first image's name)")
-    c.add_argument("--provenance", choices=("import", "scene", "correction"), default="import")
+    c.add_argument("--provenance", choices=PROVENANCES, default="import")
+    c.add_argument("--from-model", type=Path, default=None,
+                   help="correction: the model folder whose result was corrected")
+    c.add_argument("--model-output", type=Path, default=None,
+                   help="correction: the model's result before correcting it (.seg.nrrd from 'medtuning segment'); "
+                        "the correction effort per segment (Dice, mm³ added / removed) is recorded")
     c.add_argument("--source", default=None, help="where the case came from (free text)")
     c.add_argument("--series", action="append", default=None, metavar="UID",
                    help="SeriesInstanceUID to read from a DICOM folder holding several series (repeat: one per "
@@ -330,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="paper-style table from several model folders")
     p.add_argument("models", type=Path, nargs="+", metavar="MODEL_DIR")
     p.add_argument("--library", type=Path, default=None, help="evaluate the models on this library's test split")
-    p.add_argument("--split", choices=SPLITS + ("all",), default="test")
+    p.add_argument("--split", choices=LABELLED_SPLITS + ("all",), default="test")
     p.add_argument("--out", type=Path, default=None, help="folder for compare.md / compare.csv")
     p.add_argument("--force", action="store_true", help="replace an earlier comparison in --out")
     p.add_argument("--device", choices=DEVICES, default="auto")

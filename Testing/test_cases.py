@@ -72,7 +72,7 @@ def test_add_list_split_remove(cli, chest_files, tmp_path):
 
     status, events = cli(["cases", "list", "--library", str(library)])
     listed = done_outputs(events)
-    assert status == 0 and listed["count"] == 2 and listed["splits"] == {"train": 1, "val": 0, "test": 1}
+    assert status == 0 and listed["count"] == 2 and listed["splits"] == {"train": 1, "val": 0, "test": 1, "unlabelled": 0}
     assert [c["id"] for c in listed["cases"]] == [first["case"], second["case"]]
     status, events = cli(["cases", "split", "--library", str(library), "--id", second["case"], "--split", "val"])
     assert status == 0 and CaseLibrary(library).get(second["case"]).split == "val"
@@ -95,7 +95,7 @@ def test_text_list_prints_a_table(chest_files, tmp_path, capsys):
     capsys.readouterr()
     assert main(["cases", "list", "--library", str(library)]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["id", "split", "modalities", "from", "added"]
+    assert out.splitlines()[0].split() == ["id", "split", "modalities", "from", "added", "correction", "effort"]
     assert "chest" in out and "train" in out
 
 

@@ -55,7 +55,7 @@ def test_curves_csv_and_png_match_the_final_events(trained):
     row = dict(zip(header, last))
     final_loss = [e for e in events if e["event"] == "metric" and e["name"] == "loss"][-1]
     assert float(row["train/loss"]) == pytest.approx(final_loss["value"], rel=1e-9)
-    final_dice = [e for e in events if e["event"] == "metric" and e["name"] == "dice/Blob"][-1]
+    final_dice = [e for e in events if e["event"] == "metric" and e["name"] == "dice/Blob" and e["phase"] == "validate"][-1]
     assert float(row["validate/dice/Blob"]) == pytest.approx(final_dice["value"], rel=1e-9)
     assert (model / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -32,7 +32,8 @@ def _model(folder: Path, method: str, tuned: int, inserted: int, dice: dict, hd9
                          "pretrained": pretrained},
         "pretrained": pretrained,
         "parameters": {"full": FULL, "tuned": tuned, "inserted": inserted, "head": 6_752_000},
-        "label_scheme": {"name": "kits"},
+        "label_scheme": {"name": "kits"}, "modalities": ["CT"], "preprocessing": {}, "crop": [16, 128, 128],
+        "stored": "tuned",
         "training": {"epochs": 20, "seconds": seconds, "peak_memory_mb": memory, "best": best, "best_epoch": 18},
     }
     if evaluation:

@@ -22,7 +22,12 @@ def parse(params):
 def test_train_minimal_keeps_backend_defaults():
     args = parse(TrainParams(library="L", out="M"))
     assert args.command == "train" and args.library == Path("L") and args.out == Path("M")
-    assert args.method == "med_tuning" and args.epochs == 50 and args.weights == "hub"
+    from MedTuningLib.engine.train import TrainOptions
+
+    # Not given: the backend's defaults apply (and a warm start would take the model's instead).
+    assert args.method is None and args.weights is None and args.epochs == 50
+    opts = TrainOptions.from_args(args)
+    assert (opts.method, opts.weights, opts.task, opts.arch) == ("med_tuning", "hub", "custom", "vit_upernet")
 
 
 def test_train_every_option_round_trips(tmp_path):

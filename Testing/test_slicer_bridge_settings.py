@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from MedTuningLib.data.labels import scheme_from_preset
 from MedTuningLib.paths import default_cases_dir, default_models_dir
+from MedTuningLib.schema import FORMAT_VERSION, CaseManifest, CaseRecord, ModelManifest, Provenance, SegmentEffort
 from MedTuningLib.slicer_bridge.settings import (BridgeSettings, default_backend_python, discover_models,
                                                  next_model_name, parse_probe_output, pip_constraints,
-                                                 pip_install_args, probe_argv, read_case_library, read_model_info)
+                                                 pip_install_args, probe_argv, read_case_library, read_model_info,
+                                                 case_library_problem)
 
 
 def write_model(folder: Path, manifest: dict, weights: bool = True) -> Path:
@@ -21,17 +24,21 @@ def write_model(folder: Path, manifest: dict, weights: bool = True) -> Path:
     return folder
 
 
-KIDNEY = {"format_version": 1, "architecture": {"arch": "vit_upernet", "method": "med_tuning"},
-          "base_weights": {"id": "vit_base_patch16_224.orig_in21k", "source": "hub", "sha256": "ab"},
-          "modalities": ["CT"],
-          "label_scheme": {"task": "kits", "segments": [
-              {"name": "Kidney", "color": [0.85, 0.4, 0.3], "value": 1},
-              {"name": "Kidney tumour", "color": "#ffff00", "value": 2}]}}
-BRATS = {"format_version": 1, "architecture": "swin_unet", "method": {"name": "adapter"}, "base_weights": "none",
-         "modalities": ["T1", "T1ce", "T2", "FLAIR"],
-         "label_scheme": {"name": "brats", "write": "regions",
-                          "regions": {"ET": {"color": [255, 0, 0]}, "TC": {}, "WT": {}}},
-         "future_field": {"anything": True}}
+def _manifest(modalities, scheme, base, method, arch="vit_upernet", **extra) -> dict:
+    """A model description as training writes it (through the schema record)."""
+    record = ModelManifest(architecture={"arch": arch, "method": method}, base_weights=base, modalities=modalities,
+                           label_scheme=scheme.to_dict(), preprocessing={"modalities": modalities},
+                           crop=[16, 128, 128], stored="tuned" if base.get("source") != "none" else "full",
+                           method={"name": method}, pretrained=bool(base.get("pretrained")))
+    return {**record.to_dict(), **extra}
+
+
+KIDNEY = _manifest(["CT"], scheme_from_preset("kits"),
+                   {"id": "vit_base_patch16_224.orig_in21k", "source": "hub", "sha256": "ab", "pretrained": True},
+                   "med_tuning")
+BRATS = _manifest(["T1", "T1ce", "T2", "FLAIR"], scheme_from_preset("brats", "brats2023"),
+                  {"source": "none", "pretrained": False}, "adapter", arch="swin_unet",
+                  future_field={"anything": True})
 
 
 def test_settings_defaults_follow_medtuning_home(tmp_path, monkeypatch):
@@ -73,12 +80,13 @@ def test_model_discovery(tmp_path):
     by_name = {m.name: m for m in models}
     kidney = by_name["kidney"]
     assert kidney.usable and kidney.modalities == ["CT"] and kidney.task == "kits" and kidney.pretrained
-    assert [(s.name, s.value) for s in kidney.segments] == [("Kidney", 1), ("Kidney tumour", 2)]
-    assert kidney.segments[1].color == (1.0, 1.0, 0.0)
+    kits = scheme_from_preset("kits")
+    assert [(s.name, s.value) for s in kidney.segments] == [(n, i) for i, n in enumerate(kits.segment_names, start=1)]
+    assert kidney.segments[0].color == tuple(kits.segments[0].color)
     assert kidney.architecture == "vit_upernet" and kidney.method == "med_tuning"
     brats = by_name["Brain tumour"]
     assert brats.modalities == ["T1", "T1ce", "T2", "FLAIR"] and [s.name for s in brats.segments] == ["ET", "TC", "WT"]
-    assert brats.segments[0].color == (1.0, 0.0, 0.0) and brats.pretrained is False and brats.method == "adapter"
+    assert brats.pretrained is False and brats.method == "adapter" and brats.architecture == "swin_unet"
     assert "not pretrained" in brats.describe() and "T1ce" in brats.describe()
     assert not by_name["broken"].usable and "cannot be read" in by_name["broken"].problem
     assert "weights.safetensors" in by_name["no weights"].problem
@@ -95,15 +103,27 @@ def test_next_model_name(tmp_path):
 
 def test_case_library_listing(tmp_path):
     assert read_case_library(tmp_path) == []
-    (tmp_path / "cases.json").write_text(json.dumps({"format_version": 1, "cases": [
-        {"id": "c1", "images": {"CT": "c1/CT.nrrd"}, "label": "c1/label.seg.nrrd", "split": "train",
-         "provenance": {"kind": "correction", "added": "2025-01-01"}},
-        {"id": "c2", "images": ["c2/a.nrrd"], "label": "c2/l.nrrd", "provenance": "scene"}, "junk"]}), encoding="utf-8")
+    effort = SegmentEffort(dice=0.8, voxels_added=10, voxels_removed=5, mm3_added=12.5, mm3_removed=6.25)
+    manifest = CaseManifest(cases=[
+        CaseRecord("c1", {"CT": "cases/c1/CT.nrrd"}, "cases/c1/label.seg.nrrd", "train",
+                   Provenance(kind="correction", added="2025-01-01T10:00:00+00:00", from_model="/m/spleen",
+                              effort={"Spleen": effort})),
+        CaseRecord("c2", {"CT": "cases/c2/CT.nrrd"}, "cases/c2/label.nrrd", "test", Provenance(kind="scene")),
+        CaseRecord("u1", {"CT": "cases/u1/CT.nrrd"}, None, "unlabelled")])
+    (tmp_path / "cases.json").write_text(json.dumps(manifest.to_dict()), encoding="utf-8")
     cases = read_case_library(tmp_path)
-    assert [(c.case_id, c.split, c.provenance) for c in cases] == [("c1", "train", "correction"), ("c2", "train", "scene")]
-    assert cases[0].images == {"CT": "c1/CT.nrrd"} and cases[1].images == {"0": "c2/a.nrrd"}
+    assert [(c.case_id, c.split, c.provenance) for c in cases] == [
+        ("c1", "train", "correction"), ("c2", "test", "scene"), ("u1", "unlabelled", "import")]
+    assert cases[0].images == {"CT": "cases/c1/CT.nrrd"} and cases[0].from_model == "/m/spleen"
+    assert cases[0].added.startswith("2025-01-01") and cases[0].effort["Spleen"].mm3_added == 12.5
+    assert "Spleen: Dice 0.80" in cases[0].effort_text() and cases[1].effort_text() == ""
+    assert not cases[2].labelled and cases[2].label == ""
+    assert case_library_problem(tmp_path) == ""
     (tmp_path / "cases.json").write_text("{broken", encoding="utf-8")
-    assert read_case_library(tmp_path) == []
+    assert read_case_library(tmp_path) == [] and "cannot be read" in case_library_problem(tmp_path)
+    (tmp_path / "cases.json").write_text(json.dumps({"format_version": FORMAT_VERSION + 1, "cases": []}),
+                                         encoding="utf-8")
+    assert read_case_library(tmp_path) == [] and "update MedTuning" in case_library_problem(tmp_path)
 
 
 def test_dependency_probe_runs_in_a_real_interpreter():

@@ -13,19 +13,63 @@ from pathlib import Path
 from typing import Any
 
 from MedTuningLib.cases import Case, CaseLibrary
+from MedTuningLib.schema import SPLITS
 
 
 def _case_summary(case: Case) -> dict[str, Any]:
+    """A case for ``cases list`` / ``cases add`` outputs: its files, split and provenance (the
+    :class:`MedTuningLib.schema.Provenance` record, with the correction ``effort`` per segment)."""
     return {"id": case.id, "split": case.split, "modalities": case.modalities,
-            "images": [str(p) for p in case.image_paths], "label": str(case.label_path),
-            "provenance": case.provenance}
+            "images": [str(p) for p in case.image_paths], "label": str(case.label_path) if case.labelled else None,
+            "provenance": case.provenance_record.to_dict()}
+
+
+def _effort_cell(case: Case) -> str:
+    effort = case.provenance_record.effort
+    return "; ".join(f"{name} Dice {'–' if e.dice is None else f'{e.dice:.2f}'} +{e.mm3_added:.0f}/-{e.mm3_removed:.0f} mm³"
+                     for name, e in effort.items())
+
+
+def _correction_details(args: Namespace, images: list, label, events) -> dict[str, Any] | None:
+    """``--from-model`` / ``--model-output`` of a correction: the model, its result and the effort per segment."""
+    from_model, output = getattr(args, "from_model", None), getattr(args, "model_output", None)
+    if from_model is None and output is None:
+        return None
+    from MedTuningLib.errors import MedTuningError
+
+    if args.provenance != "correction":
+        raise MedTuningError("INVALID_OPTION", "--from-model / --model-output describe a correction",
+                             "add --provenance correction (or drop those options)")
+    if label is None:
+        raise MedTuningError("INVALID_OPTION", "a correction needs the corrected --label", "give --label FILE")
+    details: dict[str, Any] = {}
+    if from_model is not None:
+        details["from_model"] = str(Path(from_model).absolute())
+    if output is not None:
+        if from_model is None:
+            raise MedTuningError("INVALID_OPTION", "--model-output needs --from-model: the effort is measured with "
+                                 "the label scheme of the model that produced it", "add --from-model MODEL_DIR")
+        if not Path(output).is_file():
+            raise MedTuningError("FILE_NOT_FOUND", f"--model-output {output} does not exist",
+                                 "give the .seg.nrrd the model wrote for this scan (before correcting it)",
+                                 path=str(output))
+        from MedTuningLib.cases import correction_effort
+
+        effort = correction_effort(Path(from_model), Path(output), Path(label), images,
+                                   log=lambda message: events.log(message, level="warning"))
+        details["model_output"] = str(Path(output).absolute())
+        details["effort"] = {name: e.to_dict() for name, e in effort.items()}
+        for name, e in effort.items():
+            events.log(f"correction of {name}: Dice {e.dice:.3f} between the model's result and the correction, "
+                       f"{e.mm3_added:.0f} mm³ added, {e.mm3_removed:.0f} mm³ removed")
+    return details
 
 
 def _table(cases: list[Case]) -> str:
-    rows = [("id", "split", "modalities", "from", "added")]
+    rows = [("id", "split", "modalities", "from", "added", "correction effort")]
     for c in cases:
         rows.append((c.id, c.split, ", ".join(c.modalities), str(c.provenance.get("from", "")),
-                     str(c.provenance.get("added", ""))))
+                     str(c.provenance.get("added", "")), _effort_cell(c)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -57,6 +101,9 @@ def run(args: Namespace, ctx) -> dict[str, Any]:
 
                 images, label, (start, stop) = write_slab(images, label, args.slices, Path(scratch))
                 source = (source + "; " if source else "") + f"slices {start}:{stop} of {args.image[0]}"
+            correction = _correction_details(args, images, label, events)
+            if correction:
+                details = {**(details or {}), **correction}
             case = library.add(images, label, modalities=args.modality, split=args.split, case_id=args.case_id,
                                provenance=args.provenance, source=source,
                                log=lambda message: events.log(message, level="warning"), details=details)
@@ -64,7 +111,7 @@ def run(args: Namespace, ctx) -> dict[str, Any]:
         return {"library": str(library.root), "case": case.id, **{k: v for k, v in _case_summary(case).items() if k != "id"}}
     if action == "list":
         cases = library.cases(args.split)
-        counts = {split: sum(1 for c in cases if c.split == split) for split in ("train", "val", "test")}
+        counts = {split: sum(1 for c in cases if c.split == split) for split in SPLITS}
         if events.jsonl:
             return {"library": str(library.root), "count": len(cases), "splits": counts,
                     "cases": [_case_summary(c) for c in cases]}

@@ -9,6 +9,7 @@ Where the Dice / HD95 figures come from is part of the table (column ``metrics f
 - with ``--library``, each model is evaluated now on that library's ``--split``
   (``MedTuningLib.engine.evaluate.evaluate_model``): the same cases for every model;
 - otherwise the model folder's last evaluation (``evaluation`` in ``medtuning.json``) if it has one,
+- else the library's test cases scored when the model was trained (``test``),
 - else the best validation figures recorded by training (``training.best``) — not a held-out test.
 
 Text mode prints the Markdown table; ``--events jsonl`` adds a ``table`` event (rows and Markdown).
@@ -26,6 +27,7 @@ from MedTuningLib.errors import MedTuningError
 from MedTuningLib.fileio import (ensure_writable_dir, read_json, refuse_to_replace, write_bytes_atomic,
                                  write_json_atomic)
 from MedTuningLib.reports.tables import Column, comparison_table
+from MedTuningLib.schema import ModelManifest
 
 MANIFEST = "medtuning.json"
 
@@ -94,43 +96,23 @@ def read_model_summary(folder: Path) -> ModelSummary:
     meta = read_json(folder / MANIFEST, "MODEL_FOLDER_INVALID", "model description")
     if not isinstance(meta, dict):
         raise _invalid(folder, f"a {MANIFEST} that is not a JSON object")
-
-    method = meta.get("method")
-    name = method.get("name") if isinstance(method, dict) else method
-    if not isinstance(name, str) or not name:
+    record = ModelManifest.from_dict(meta, str(folder / MANIFEST))
+    name = record.method_name
+    if not name:
         raise _invalid(folder, f"no tuning method in {MANIFEST} (expected \"method\": {{\"name\": ...}})")
-    arch_info = meta.get("architecture") or {}
-    if not isinstance(arch_info, dict):
-        raise _invalid(folder, f"a malformed \"architecture\" in {MANIFEST}")
-    params = meta.get("parameters") or {}
-    training = meta.get("training") or {}
-    if not isinstance(params, dict) or not isinstance(training, dict):
-        raise _invalid(folder, f"a malformed \"parameters\" or \"training\" in {MANIFEST}")
-    counts: dict[str, int] = {}
-    for key, value in params.items():
-        number = _number(value)
-        if number is None:
-            raise _invalid(folder, f"a non-numeric parameter count {key!r} in {MANIFEST}")
-        counts[key] = int(number)
-
-    pretrained = meta.get("pretrained")
-    if pretrained is None and "base_weights" in meta:
-        base = meta["base_weights"]
-        pretrained = not (base in (None, "none") or (isinstance(base, dict) and base.get("pretrained") is False))
-    summary = ModelSummary(folder=folder, method=name, arch=str(arch_info.get("arch") or ""),
-                           backbone=str(arch_info.get("backbone") or ""),
-                           pretrained=bool(pretrained) if pretrained is not None else None, parameters=counts,
-                           seconds=_number(training.get("seconds")),
-                           peak_memory_mb=_number(training.get("peak_memory_mb")),
-                           epochs=int(training["epochs"]) if _number(training.get("epochs")) is not None else None)
-
-    evaluation = meta.get("evaluation")
-    best = training.get("best")
-    if isinstance(evaluation, dict) and evaluation:
-        use_metrics(summary, evaluation, default_source="last evaluation")
-    elif isinstance(best, dict) and best:
+    training = record.training
+    summary = ModelSummary(folder=folder, method=name, arch=record.arch, backbone=record.backbone,
+                           pretrained=record.pretrained, parameters=dict(record.parameters),
+                           seconds=training.seconds, peak_memory_mb=training.peak_memory_mb, epochs=training.epochs)
+    # Held-out figures first: the last 'evaluate' recorded in the folder, else the test cases scored when it
+    # was trained; only then the validation figures that picked the best epoch (not a held-out test).
+    if record.evaluation is not None and record.evaluation.summary:
+        use_metrics(summary, record.evaluation.to_dict(), default_source="last evaluation")
+    elif record.test is not None and record.test.summary:
+        use_metrics(summary, record.test.to_dict(), default_source="held-out test at training")
+    elif training.best:
         # training's "dice/mean" (average over regions) is not an evaluation region: leave it out
-        summary.metrics = {k: v for k, v in _means(best).items() if k != "dice/mean"}
+        summary.metrics = {k: v for k, v in _means(training.best).items() if k != "dice/mean"}
         summary.regions = _regions_of(summary.metrics)
         summary.source = "training: best validation"
     return summary

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from MedTuningLib import FORMAT_VERSION, __version__
+from MedTuningLib import __version__
+from MedTuningLib.errors import MedTuningError
+from MedTuningLib.schema import FORMAT_VERSION, ModelManifest
 
 
 def list_models(folder: Path) -> list[dict]:
@@ -20,14 +22,12 @@ def list_models(folder: Path) -> list[dict]:
         if not manifest_path.is_file():
             continue
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        models.append({"path": str(child), "method": (manifest.get("method") or {}).get("name"),
-                       "arch": (manifest.get("architecture") or {}).get("arch"),
-                       "modalities": manifest.get("modalities"),
-                       "segments": [s.get("name") for s in (manifest.get("label_scheme") or {}).get("segments", [])],
-                       "pretrained": manifest.get("pretrained")})
+            record = ModelManifest.from_dict(json.loads(manifest_path.read_text(encoding="utf-8")), str(manifest_path))
+        except (OSError, ValueError, MedTuningError):
+            continue  # a damaged or newer folder is not listed as usable
+        models.append({"path": str(child), "method": record.method_name, "arch": record.arch,
+                       "modalities": record.modalities, "segments": record.segment_names,
+                       "pretrained": record.pretrained, "round": record.round})
     return models
 
 

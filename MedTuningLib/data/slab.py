@@ -34,8 +34,10 @@ def parse_slices(text: str, depth: int) -> tuple[int, int]:
     return start, stop
 
 
-def write_slab(images: Sequence[Path], label: Path, slices: str, folder: Path) -> tuple[list[Path], Path, tuple[int, int]]:
-    """Write slices ``slices`` of every image and of the label into ``folder``; return the new paths."""
+def write_slab(images: Sequence[Path], label: Path | None, slices: str,
+               folder: Path) -> tuple[list[Path], Path | None, tuple[int, int]]:
+    """Write slices ``slices`` of every image and of the label (None: an unlabelled scan) into ``folder``;
+    return the new paths."""
     from MedTuningLib.data.io import is_segmentation_file, read_segments, read_sitk
     from MedTuningLib.segio import write_segmentation
 
@@ -52,6 +54,8 @@ def write_slab(images: Sequence[Path], label: Path, slices: str, folder: Path) -
         sitk.WriteImage(image[:, :, start:stop], str(target), True)
         out_images.append(target)
     slab_reference = first[:, :, start:stop]
+    if label is None:
+        return out_images, None, (start, stop)
     if is_segmentation_file(Path(label)):
         segments = read_segments(Path(label), first)
         target = folder / "label.seg.nrrd"

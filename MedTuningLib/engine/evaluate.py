@@ -18,6 +18,7 @@ import torch
 from MedTuningLib.errors import MedTuningError
 from MedTuningLib.events import EventStream
 from MedTuningLib.fileio import ensure_writable_dir, write_bytes_atomic, write_json_atomic
+from MedTuningLib.schema import CaseScores, EvaluationReport
 
 
 def dice_hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], hd95: bool = True) -> tuple[float, float | None]:
@@ -121,7 +122,7 @@ def evaluate_model(model_dir: Path, library: Path, split: str = "test", device: 
     if case_ids is not None:
         cases = [lib.get(i) for i in case_ids]
     else:
-        cases = lib.cases(None if split == "all" else split)
+        cases = [c for c in lib.cases(None if split == "all" else split) if c.labelled]  # unlabelled scans: no score
     if not cases:
         raise MedTuningError("NO_TRAINING_CASES", f"the case library {library} has no cases in split '{split}'",
                              "add cases with 'medtuning cases add --split test', or choose another --split")
@@ -145,10 +146,11 @@ def evaluate_model(model_dir: Path, library: Path, split: str = "test", device: 
             pictures[case.id] = _case_montages(Path(report_dir), case, result, reference_classes, loaded.scheme)
     events.progress("infer", len(cases), len(cases))
     regions = [r.name for r in loaded.scheme.regions] + (["composite"] if getattr(loaded.scheme, "composite", None) else [])
-    report = {"model": str(Path(model_dir)), "library": str(Path(library)), "split": split, "regions": regions,
-              "tta": tta, "protocol": protocol or f"cases of split '{split}'", "cases": results,
-              "summary": summarise(results),
-              "pretrained": bool(loaded.manifest.get("pretrained", False))}
+    record = EvaluationReport(model=str(Path(model_dir)), library=str(Path(library)), split=split, regions=regions,
+                              tta=tta, protocol=protocol or f"cases of split '{split}'",
+                              cases=[CaseScores.from_dict(r) for r in results], summary=summarise(results),
+                              pretrained=bool(loaded.manifest.get("pretrained", False)), created=_now())
+    report = record.to_dict()
     if report_dir is not None:
         write_report_files(Path(report_dir), report, pictures)
     return report
@@ -184,7 +186,15 @@ def _safe(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(text))
 
 
+def _now() -> str:
+    import datetime as _dt
+
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
 def write_report_files(report_dir: Path, report: dict, pictures: dict | None = None) -> None:
+    """report.json (an :class:`MedTuningLib.schema.EvaluationReport`), report.md and report.html."""
+    report = EvaluationReport.from_dict(report, "the new report").to_dict()
     write_json_atomic(report_dir / "report.json", report, "report")
     write_bytes_atomic(report_dir / "report.md", markdown_report(report).encode("utf-8"), "report")
     if pictures is not None:

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from MedTuningLib import FORMAT_VERSION, __version__
+from MedTuningLib import __version__
 from MedTuningLib.errors import MedTuningError
 from MedTuningLib.fileio import atomic_path, is_pickle_file, read_json, write_json_atomic
+from MedTuningLib.schema import FORMAT_VERSION, ModelManifest
 
 MANIFEST_NAME = "medtuning.json"
 WEIGHTS_NAME = "weights.safetensors"
@@ -78,6 +79,7 @@ class LoadedModel:
     model: torch.nn.Module
     scheme: Any  # MedTuningLib.data.labels.LabelScheme
     preprocessing: Any  # MedTuningLib.data.preprocess.Preprocessing
+    record: ModelManifest | None = None  # the typed manifest (``manifest`` is its dict form)
 
     @property
     def modalities(self) -> list[str]:
@@ -88,7 +90,8 @@ class LoadedModel:
         return tuple(self.manifest["crop"])  # type: ignore[return-value]
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_model_manifest(folder: Path) -> ModelManifest:
+    """The typed ``medtuning.json`` of a model folder (see :class:`MedTuningLib.schema.ModelManifest`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MedTuningError("FILE_NOT_FOUND", f"model folder {folder} does not exist",
@@ -98,19 +101,13 @@ def read_manifest(folder: Path) -> dict[str, Any]:
                              "folder, or an incomplete copy of one",
                              "give the folder that holds medtuning.json and weights.safetensors (a folder written by "
                              "'medtuning train'), or copy it again")
-    manifest = read_json(folder / MANIFEST_NAME, "MODEL_FOLDER_INVALID", "model description")
-    if not isinstance(manifest, dict) or "format_version" not in manifest:
-        raise MedTuningError("MODEL_FOLDER_INVALID", f"{folder / MANIFEST_NAME} is not a MedTuning model description",
-                             "choose a folder written by 'medtuning train'")
-    version = manifest["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise MedTuningError("MODEL_FOLDER_TOO_NEW", f"model folder {folder} has format version {version}; this "
-                             f"MedTuning {__version__} reads up to {FORMAT_VERSION}", "update MedTuning to use this model")
-    for key in ("architecture", "base_weights", "modalities", "label_scheme", "preprocessing", "crop", "stored"):
-        if key not in manifest:
-            raise MedTuningError("MODEL_FOLDER_INVALID", f"{folder / MANIFEST_NAME} lacks '{key}'",
-                                 "the model folder is damaged: train it again or copy it again")
-    return manifest
+    data = read_json(folder / MANIFEST_NAME, "MODEL_FOLDER_INVALID", "model description")
+    return ModelManifest.from_dict(data, str(folder / MANIFEST_NAME))
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """``medtuning.json`` as a plain dict, read and checked through :class:`ModelManifest`."""
+    return read_model_manifest(folder).to_dict()
 
 
 def build_from_manifest(manifest: dict[str, Any]) -> torch.nn.Module:
@@ -144,7 +141,8 @@ def load_model_folder(folder: Path, device: torch.device | str = "cpu", weights:
     from MedTuningLib.data.preprocess import Preprocessing
 
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    record = read_model_manifest(folder)
+    manifest = record.to_dict()
     tensors = load_safetensors(folder / WEIGHTS_NAME)
     model = build_from_manifest(manifest)
     if manifest["stored"] == "full":
@@ -159,7 +157,7 @@ def load_model_folder(folder: Path, device: torch.device | str = "cpu", weights:
     model.to(device).eval()
     return LoadedModel(folder=folder, manifest=manifest, model=model,
                        scheme=LabelScheme.from_dict(manifest["label_scheme"]),
-                       preprocessing=Preprocessing.from_dict(manifest["preprocessing"]))
+                       preprocessing=Preprocessing.from_dict(manifest["preprocessing"]), record=record)
 
 
 def weights_to_store(model: torch.nn.Module, pretrained: bool) -> tuple[str, dict[str, torch.Tensor]]:
@@ -169,11 +167,23 @@ def weights_to_store(model: torch.nn.Module, pretrained: bool) -> tuple[str, dic
     return "full", dict(model.state_dict())
 
 
-def write_model_folder(folder: Path, model: torch.nn.Module, manifest: dict[str, Any],
-                       tensors: dict[str, torch.Tensor]) -> None:
+def write_model_folder(folder: Path, model: torch.nn.Module, manifest: ModelManifest | dict[str, Any],
+                       tensors: dict[str, torch.Tensor]) -> ModelManifest:
     """Write weights then manifest into ``folder`` (normally ``OUT.partial``), each atomically."""
     folder = Path(folder)
-    manifest = {"format_version": FORMAT_VERSION, "medtuning_version": __version__, **manifest,
-                "packages": package_versions()}
-    save_safetensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt", "stored": manifest["stored"]})
-    write_json_atomic(folder / MANIFEST_NAME, manifest, "model folder")
+    if not isinstance(manifest, ModelManifest):
+        manifest = ModelManifest.from_dict({"format_version": FORMAT_VERSION, **manifest},
+                                           "the new model description")
+    manifest.packages = package_versions()
+    manifest.medtuning_version = __version__
+    save_safetensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt", "stored": manifest.stored})
+    write_json_atomic(folder / MANIFEST_NAME, manifest.to_dict(), "model folder")
+    return manifest
+
+
+def update_manifest(folder: Path, change) -> ModelManifest:
+    """Read ``medtuning.json``, let ``change(record)`` edit it, write it back atomically."""
+    record = read_model_manifest(folder)
+    change(record)
+    write_json_atomic(Path(folder) / MANIFEST_NAME, record.to_dict(), "model folder")
+    return record

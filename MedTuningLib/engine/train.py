@@ -27,13 +27,15 @@ import torch
 from MedTuningLib.cancel import CancelToken
 from MedTuningLib.engine.device import (autocast, peak_memory_mb, resolve_checkpointing, resolve_device,
                                         resolve_precision)
-from MedTuningLib.engine.modelfolder import (load_model_folder, load_safetensors, now_iso, save_safetensors,
-                                             weights_to_store, write_model_folder)
+from MedTuningLib.engine.modelfolder import (load_model_folder, load_safetensors, now_iso, read_model_manifest,
+                                             save_safetensors, weights_to_store, write_model_folder)
 from MedTuningLib.errors import Cancelled, MedTuningError
 from MedTuningLib.events import EventStream
 from MedTuningLib.fileio import (FileLock, check_output_folder, ensure_writable_dir, read_json, replace_dir,
                                  write_json_atomic)
 from MedTuningLib.models.base import compact_frozen_weights
+from MedTuningLib.schema import (FORMAT_VERSION, CaseScores, EvaluationReport, ModelManifest, RoundRecord,
+                                 correction_totals, summarise_scores)
 
 STATE_JSON = "state.json"
 BEST_WEIGHTS = "best.safetensors"
@@ -54,7 +56,7 @@ class TrainOptions:
     decoder_width: int | None = None
     method: str = "med_tuning"
     adapter: dict = field(default_factory=dict)
-    weights: str = "hub"
+    weights: str | None = "hub"  # None: hub for a new model; a warm start's own base weights
     crop: tuple[int, int, int] = (16, 128, 128)
     batch: int = 2
     accumulate: int = 1
@@ -79,22 +81,29 @@ class TrainOptions:
     val_case_ids: list[str] | None = None
     # A subset of segment names to train (custom task from .seg.nrrd files), e.g. the two lungs.
     segments: list[str] | None = None
+    # The setup options the user gave (task, labels, source_labels, arch, backbone, method, segments): a
+    # warm start takes the rest from the model folder and refuses given ones that contradict it.
+    explicit: dict = field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: Any) -> "TrainOptions":
         adapter = {"alpha": args.alpha, "local_branch": args.local_branch, "global_branch": args.global_branch,
                    "mix": args.mix, "fusion": args.fusion}
-        return cls(library=args.library, out=args.out, task=args.task, labels=args.labels,
-                   source_labels=args.source_labels, arch=args.arch, backbone=args.backbone,
+        segments = [n.strip() for n in args.segments.split(",") if n.strip()] if args.segments else None
+        explicit = {k: v for k, v in {"task": args.task, "labels": args.labels, "source_labels": args.source_labels,
+                                      "arch": args.arch, "backbone": args.backbone, "method": args.method,
+                                      "segments": segments}.items() if v is not None}
+        return cls(library=args.library, out=args.out, task=args.task or "custom", labels=args.labels,
+                   source_labels=args.source_labels or "brats2015", arch=args.arch or "vit_upernet",
+                   backbone=args.backbone,
                    backbone_kwargs=parse_backbone_args(getattr(args, "backbone_args", None)),
-                   decoder_width=getattr(args, "decoder_width", None), method=args.method, adapter=adapter,
-                   weights=args.weights, crop=tuple(args.crop), batch=args.batch, accumulate=args.accumulate,
+                   decoder_width=getattr(args, "decoder_width", None), method=args.method or "med_tuning",
+                   adapter=adapter, weights=args.weights if args.weights is not None or args.init_from else "hub", crop=tuple(args.crop), batch=args.batch, accumulate=args.accumulate,
                    epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, minutes=args.minutes, lr=args.lr,
                    weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, loss=args.loss,
                    precision=args.precision, checkpointing=args.checkpointing, val_every=args.val_every,
                    val_split=args.val_split, device=args.device, seed=args.seed, init_from=args.init_from,
-                   resume=args.resume, force=args.force,
-                   segments=[n.strip() for n in args.segments.split(",") if n.strip()] if args.segments else None)
+                   resume=args.resume, force=args.force, segments=segments, explicit=explicit)
 
     def fingerprint(self) -> dict:
         """The settings a resumed run must share with the interrupted one."""
@@ -249,6 +258,89 @@ def read_raw_case(case, scheme, cache=None, allow_empty: bool = False,
     return {"id": case.id, "image": image, "label": label, "spacing": tuple(meta["spacing"])}
 
 
+# Codes of a label that the scheme cannot map: re-raised naming the case (and the model, for a warm start).
+_LABEL_CODES = ("UNKNOWN_LABEL_VALUES", "SEGMENT_NAMES_MISMATCH", "LABEL_SPEC_INVALID", "EMPTY_LABEL")
+
+
+def read_case_for(case, scheme, cache=None, allow_empty: bool = False, log: Callable[[str], None] | None = None,
+                  model: Path | None = None) -> dict:
+    """:func:`read_raw_case`, with a label the scheme cannot map refused by a message that names the case."""
+    try:
+        return read_raw_case(case, scheme, cache, allow_empty=allow_empty, log=log)
+    except MedTuningError as exc:
+        if exc.code not in _LABEL_CODES or "case" in exc.details:
+            raise
+        whose = f"the label scheme of model {model}" if model is not None else f"the '{scheme.task}' label scheme"
+        hint = exc.hint
+        if model is not None:
+            hint = (f"{hint}; a re-tune keeps {whose} (classes {', '.join(scheme.class_names)}): fix or remove case "
+                    f"{case.id!r} ('medtuning cases remove --id {case.id}'), or train a new model")
+        raise MedTuningError(exc.code, f"case {case.id!r}: {exc.message} ({whose})", hint,
+                             **{**exc.details, "case": case.id}) from exc
+
+
+def warm_start_scheme(opts: TrainOptions, parent):
+    """The label scheme of the model a run warm-starts from; given options that contradict it are refused."""
+    from MedTuningLib.data.labels import LabelScheme, normalize_name, scheme_from_spec
+
+    scheme = LabelScheme.from_dict(parent.label_scheme)
+    given = opts.explicit
+    model = opts.init_from
+
+    def refuse(what: str, theirs: object, ours: object) -> MedTuningError:
+        return MedTuningError("INVALID_OPTION", f"--{what} {ours} contradicts the model {model}, trained with "
+                              f"{what} {theirs}: a warm start keeps the model's setup",
+                              f"drop --{what} (the model's is used), or train a new model without --init-from")
+
+    if "task" in given and given["task"] != scheme.task:
+        raise refuse("task", scheme.task, given["task"])
+    if "source_labels" in given and scheme.source and given["source_labels"] != scheme.source:
+        raise refuse("source-labels", scheme.source, given["source_labels"])
+    if "labels" in given:
+        wanted = scheme_from_spec(given["labels"], task=scheme.task)
+        if [(normalize_name(c.name), sorted(c.source_values)) for c in wanted.classes] != [
+                (normalize_name(c.name), sorted(c.source_values)) for c in scheme.classes]:
+            spec = ";".join(f"{c.name}={','.join(map(str, c.source_values))}" for c in scheme.classes)
+            raise refuse("labels", repr(spec), repr(given["labels"]))
+    if "segments" in given and [normalize_name(n) for n in given["segments"]] != [
+            normalize_name(n) for n in scheme.class_names]:
+        raise refuse("segments", repr(",".join(scheme.class_names)), repr(",".join(given["segments"])))
+    for key, theirs in (("arch", parent.arch), ("backbone", parent.backbone), ("method", parent.method_name)):
+        if key in given and theirs and given[key] != theirs:
+            raise refuse(key, theirs, given[key])
+    return scheme
+
+
+def warm_start_modalities(opts: TrainOptions, parent, library_modalities: list[str],
+                          log: Callable[[str], None]) -> list[str]:
+    """The model's modalities (channel order); the library's cases must have as many."""
+    theirs = list(parent.modalities)
+    if len(library_modalities) != len(theirs):
+        raise MedTuningError("MODALITY_COUNT_MISMATCH", f"the model {opts.init_from} reads {len(theirs)} modalities "
+                             f"({', '.join(theirs)}); the library's cases have {len(library_modalities)} "
+                             f"({', '.join(library_modalities)})",
+                             "re-tune on a library whose cases have the model's modalities, in its channel order")
+    if [m.casefold() for m in library_modalities] != [m.casefold() for m in theirs]:
+        log(f"the library names its modalities {library_modalities}, the model {theirs}: they are used in the "
+            "model's channel order")
+    return theirs
+
+
+def warm_start_weights(opts: TrainOptions, parent) -> str | None:
+    """``--weights`` for a warm start: only where the model's own base-weights file now lies (sha256 checked)."""
+    if opts.weights is None:
+        return None
+    source = str(parent.base_weights.get("source") or "")
+    if opts.weights in ("hub", "none"):
+        if opts.weights == source:  # the same as recorded: nothing to override
+            return None
+        raise MedTuningError("INVALID_OPTION", f"--weights {opts.weights}: the model {opts.init_from} was tuned on "
+                             f"base weights from '{source}' ({parent.base_weights.get('id') or 'random'})",
+                             "drop --weights (the model's base weights are used), or give the base-weights FILE "
+                             "when it has moved (its sha256 is checked)")
+    return opts.weights
+
+
 def normalise_cases(raw: list[dict], preprocessing) -> list[dict]:
     from MedTuningLib.data.preprocess import normalize_intensity
 
@@ -340,7 +432,7 @@ class TrainingRun:
     # -- preparation --------------------------------------------------------------------------------
     def _inputs(self) -> list[tuple[str, Path | None]]:
         """What the run reads: never replaced by its output (issue 15: --force once deleted the library)."""
-        weights = Path(self.opts.weights) if self.opts.weights not in ("hub", "none", "auto") else None
+        weights = Path(self.opts.weights) if self.opts.weights not in (None, "hub", "none", "auto") else None
         return [("case library (--library)", Path(self.opts.library)),
                 ("model folder of --init-from", self.opts.init_from), ("base-weights file (--weights)", weights)]
 
@@ -357,6 +449,19 @@ class TrainingRun:
 
     def _select_cases(self, library) -> tuple[list, list, str]:
         opts = self.opts
+        # Honest scores: test cases are only ever scored (recorded in the model folder), never trained on
+        # and never used to pick the best epoch; unlabelled scans have nothing to train on.
+        if opts.val_split == "test":
+            raise MedTuningError("INVALID_OPTION", "--val-split test would pick the best epoch on the held-out test "
+                                 "cases, so their scores would no longer be held out",
+                                 "validate on a 'val' split (medtuning cases split --id ID --split val), or leave "
+                                 "--val-split at its default; test cases are scored after training anyway")
+        for ids, what in ((opts.train_case_ids, "train on"), (opts.val_case_ids, "validate on")):
+            for case_id in ids or []:
+                case = library.get(case_id)
+                if case.split in ("test", "unlabelled"):
+                    raise MedTuningError("INVALID_OPTION", f"case {case_id!r} is in split '{case.split}': a run may "
+                                         f"not {what} it", "choose train or val cases", case=case_id)
         if opts.train_case_ids is not None:
             train = [library.get(i) for i in opts.train_case_ids]
         else:
@@ -385,14 +490,16 @@ class TrainingRun:
 
         opts = self.opts
         if opts.init_from is not None:
-            loaded = load_model_folder(opts.init_from, "cpu")
+            loaded = load_model_folder(opts.init_from, "cpu", weights=warm_start_weights(opts, self.parent))
             cfg = loaded.model.config
             if cfg.num_classes != num_classes or cfg.in_channels != in_channels:
                 raise MedTuningError("INVALID_OPTION",
                                      f"--init-from {opts.init_from} has {cfg.in_channels} channel(s) and "
                                      f"{cfg.num_classes} classes; these cases need {in_channels} and {num_classes}",
                                      "warm-start only from a model trained on the same modalities and labels")
-            self.events.log(f"warm start from {opts.init_from}")
+            self.events.log(f"warm start from {opts.init_from} (round {self.parent.round}): {cfg.arch} "
+                            f"{cfg.backbone or ''} {cfg.method}, crop {cfg.depth}x{cfg.img_size}x{cfg.img_size}, "
+                            "the model's preprocessing and base weights (sha256 checked)")
             return loaded.model, dict(loaded.manifest["base_weights"])
         d, h, w = opts.crop
         if h != w:
@@ -473,9 +580,15 @@ class TrainingRun:
         t_start = time.monotonic()
         library = CaseLibrary(opts.library)
         train_cases, val_cases, protocol = self._select_cases(library)
-        scheme = make_scheme(opts, [c.label_path for c in train_cases + val_cases])
-        modalities = list(train_cases[0].modalities)
+        self.parent = read_model_manifest(opts.init_from) if opts.init_from is not None else None
+        if self.parent is not None:
+            scheme = warm_start_scheme(opts, self.parent)
+            modalities = warm_start_modalities(opts, self.parent, train_cases[0].modalities, events.log)
+        else:
+            scheme = make_scheme(opts, [c.label_path for c in train_cases + val_cases])
+            modalities = list(train_cases[0].modalities)
         cache = CaseCache(medtuning_home() / "cache") if self.dist.main else None
+        self.library, self.cache = library, cache
         total_cases = len(train_cases) + len(val_cases)
         events.progress("prepare", 0, total_cases)
         raw_train, raw_val = [], []
@@ -483,11 +596,16 @@ class TrainingRun:
             self.cancel.check()
             is_val = i >= len(train_cases)
             (raw_val if is_val else raw_train).append(
-                read_raw_case(case, scheme, cache, allow_empty=is_val, log=events.log))
+                read_case_for(case, scheme, cache, allow_empty=is_val, log=events.log, model=opts.init_from))
             events.progress("prepare", i + 1, total_cases)
-        # CT window and statistics come from the training cases only, then are fixed in the model folder.
-        preprocessing = Preprocessing.infer(modalities, [raw_train[0]["image"]])
-        preprocessing.fit([(c["image"], c["label"]) for c in raw_train])
+        if self.parent is not None:
+            # A warm start keeps the model's CT window and statistics: refitting them on the new cases would
+            # shift every input the tuned weights were fitted to.
+            preprocessing = Preprocessing.from_dict(self.parent.preprocessing)
+        else:
+            # CT window and statistics come from the training cases only, then are fixed in the model folder.
+            preprocessing = Preprocessing.infer(modalities, [raw_train[0]["image"]])
+            preprocessing.fit([(c["image"], c["label"]) for c in raw_train])
         train_data, val_data = normalise_cases(raw_train, preprocessing), normalise_cases(raw_val, preprocessing)
         del raw_train, raw_val
 
@@ -696,6 +814,7 @@ class TrainingRun:
             tensors = load_safetensors(self.work / BEST_WEIGHTS, "best weights")
             self._load_stored(model, {k: v.to(device) for k, v in tensors.items()})
         stored, tensors = weights_to_store(model, self.base["pretrained"])
+        test = self._score_test_cases(model, scheme, preprocessing, crop, device, dtype)
         cfg = model.config
         manifest = {
             "created": now_iso(),
@@ -717,10 +836,14 @@ class TrainingRun:
                 "precision": str(dtype or "fp32").replace("torch.", ""), "checkpointing": checkpointing,
                 "seed": opts.seed, "device": str(device), "library": str(Path(opts.library).absolute()),
                 "train_cases": [c.id for c in train_cases], "val_cases": [c.id for c in val_cases],
-                "validation": protocol, "init_from": str(opts.init_from) if opts.init_from else None,
+                "validation": protocol, "init_from": str(Path(opts.init_from).absolute()) if opts.init_from else None,
+                "test_cases": test.case_ids if test is not None else [],
             },
         }
-        write_model_folder(self.work, model, manifest, tensors)
+        record = ModelManifest.from_dict({"format_version": FORMAT_VERSION, **manifest}, "the new model description")
+        record.test = test
+        record.history = self._history(record, train_cases, test, epochs_done, seconds)
+        write_model_folder(self.work, model, record, tensors)
         self.curves.write()
         # Checked again right before replacing: the folder may have changed during the run.
         check_output_folder(self.out, "model", opts.force, inputs=self._inputs())
@@ -733,7 +856,65 @@ class TrainingRun:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         events.checkpoint(str(self.out), epochs_done, best=True)
         events.progress("write", 1, 1)
-        return {"model": str(self.out), "best_epoch": best["epoch"], "best": best["metrics"]}
+        outputs = {"model": str(self.out), "best_epoch": best["epoch"], "best": best["metrics"],
+                   "round": record.round}
+        if test is not None:
+            outputs["test"] = {k: v.get("mean") for k, v in test.summary.items()}
+        return outputs
+
+    def _score_test_cases(self, model, scheme, preprocessing, crop, device, dtype) -> EvaluationReport | None:
+        """Dice per region on the library's test cases (held out: never trained on nor used for selection),
+        recorded in the model folder so that every round is scored on the same cases."""
+        from MedTuningLib.engine.evaluate import region_scores
+        from MedTuningLib.engine.infer import predict_probabilities
+
+        cases = [c for c in self.library.cases("test") if c.labelled]
+        if not cases:
+            self.events.log("the library has no test cases: no held-out scores are recorded for this round "
+                            "(add some with 'medtuning cases add --split test')", level="warning")
+            return None
+        scored = []
+        for i, case in enumerate(cases):
+            self.cancel.check()
+            raw = read_case_for(case, scheme, self.cache, allow_empty=True, log=self.events.log,
+                                model=self.opts.init_from)
+            data = normalise_cases([raw], preprocessing)[0]
+            probs = predict_probabilities(model, torch.from_numpy(data["image"]), crop, device, dtype, overlap=0.25,
+                                          on_window=self.cancel.check)
+            metrics = region_scores(scheme, probs.argmax(0).numpy(), data["label"][0], data["spacing"], hd95=False)
+            scored.append(CaseScores(id=case.id, metrics=metrics))
+            self.events.progress("infer", i + 1, len(cases), case=case.id, split="test")
+        regions = [r.name for r in scheme.regions] + (["composite"] if scheme.composite else [])
+        report = EvaluationReport(model=str(self.out), library=str(Path(self.opts.library).absolute()), split="test",
+                                  regions=regions, cases=scored, summary=summarise_scores(scored),
+                                  protocol="held-out test cases of the library (never trained on, not used to "
+                                           "pick the best epoch); Dice, no TTA", created=now_iso())
+        for name, entry in report.summary.items():
+            if entry.get("mean") is not None:
+                self.events.metric("test", name, entry["mean"])
+        return report
+
+    def _history(self, record, train_cases, test, epochs_done, seconds) -> list[RoundRecord]:
+        """The lineage's rounds, this one last: the parent's history (or its round 0, for a model folder
+        written before histories existed), then this round with its new cases and their correction effort."""
+        history: list[RoundRecord] = []
+        parent_train: list[str] = []
+        if self.parent is not None:
+            history = list(self.parent.history)
+            if not history:
+                history = [RoundRecord(round=0, model=str(Path(self.opts.init_from).absolute()),
+                                       created=self.parent.created, train_cases=list(self.parent.training.train_cases),
+                                       epochs=self.parent.training.epochs, seconds=self.parent.training.seconds,
+                                       test=self.parent.test)]
+            parent_train = list(history[-1].train_cases)
+        new = [c for c in train_cases if c.id not in parent_train] if self.parent is not None else []
+        efforts = [c.provenance_record.effort for c in new if c.provenance_record.effort]
+        history.append(RoundRecord(
+            round=history[-1].round + 1 if history else 0, model=str(self.out), created=record.created,
+            init_from=str(Path(self.opts.init_from).absolute()) if self.opts.init_from else None,
+            train_cases=[c.id for c in train_cases], new_cases=[c.id for c in new], epochs=epochs_done,
+            seconds=round(seconds, 1), test=test, effort=correction_totals(efforts)))
+        return history
 
 
 class _nullcontext:

@@ -16,16 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+from MedTuningLib.schema import ARCHS, LABELLED_SPLITS, METHODS, PROVENANCES, SOURCE_LABELS, SPLITS, TASKS
+
 PathLike = Union[str, "os.PathLike[str]"]
 
-ARCHS = ("vit_upernet", "swin_unet", "vit_setr_naive", "vit_setr_pup", "vit_setr_mla", "vit_unet", "swin_unetr")
-METHODS = ("med_tuning", "full", "head", "scratch", "vpt_shallow", "vpt_deep", "adapter", "adaptformer",
-           "st_adapter", "pro_tuning")
-TASKS = ("kits", "brats", "custom")
+__all__ = ["ARCHS", "METHODS", "TASKS", "SPLITS", "LABELLED_SPLITS", "PROVENANCES", "SOURCE_LABELS", "DEVICES"]
 DEVICES = ("auto", "cpu", "cuda")
-SPLITS = ("train", "val", "test")
-PROVENANCES = ("import", "scene", "correction")
-SOURCE_LABELS = ("brats2015", "brats2019", "brats2023")
 
 #: Suffix of the folder a training run works in (resume state, curves, STOP file).
 PARTIAL_SUFFIX = ".partial"
@@ -216,7 +212,7 @@ class EvaluateParams:
     device: Optional[str] = None
 
     def argv(self) -> list[str]:
-        _choice("split", self.split, SPLITS + ("all",))
+        _choice("split", self.split, LABELLED_SPLITS + ("all",))
         _choice("device", self.device, DEVICES)
         return ["evaluate", *_opt("model", self.model), *_opt("library", self.library), *_opt("split", self.split),
                 *_opt("report", self.report), *_flag("tta", self.tta), *_opt("device", self.device)]
@@ -224,16 +220,22 @@ class EvaluateParams:
 
 @dataclass
 class CaseAddParams:
-    """``medtuning cases add``: copy a labelled case (images + label) into a library."""
+    """``medtuning cases add``: copy a case (images + label) into a library.
+
+    ``label`` None: an unlabelled scan (``split="unlabelled"``). A correction (``provenance="correction"``)
+    names the model whose result was corrected (``from_model``) and that result (``model_output``, the
+    .seg.nrrd before editing): the backend then records the correction effort per segment."""
 
     library: PathLike
     images: Sequence[PathLike]
-    label: PathLike
+    label: Optional[PathLike]
     modalities: Sequence[str] = ()
     split: Optional[str] = None
     case_id: Optional[str] = None
     provenance: Optional[str] = None
     source: Optional[str] = None
+    from_model: Optional[PathLike] = None
+    model_output: Optional[PathLike] = None
 
     def argv(self) -> list[str]:
         images = _paths("--image", self.images)
@@ -241,10 +243,15 @@ class CaseAddParams:
             raise ValueError(f"{len(images)} images but {len(self.modalities)} modality names")
         _choice("split", self.split, SPLITS)
         _choice("provenance", self.provenance, PROVENANCES)
+        if (self.label is None) != (self.split == "unlabelled"):
+            raise ValueError("a label is needed unless split is 'unlabelled' (and only then may it be missing)")
+        if (self.from_model is not None or self.model_output is not None) and self.provenance != "correction":
+            raise ValueError("from_model / model_output describe a correction: set provenance='correction'")
         return ["cases", "add", *_opt("library", self.library), *[t for p in images for t in _opt("image", p)],
                 *_opt("label", self.label), *[t for m in self.modalities for t in _opt("modality", m)],
                 *_opt("split", self.split), *_opt("id", self.case_id), *_opt("provenance", self.provenance),
-                *_opt("source", self.source)]
+                *_opt("source", self.source), *_opt("from-model", self.from_model),
+                *_opt("model-output", self.model_output)]
 
 
 @dataclass
@@ -258,7 +265,73 @@ class InfoParams:
         return ["info", *_flag("json", self.json), *_opt("model", self.model)]
 
 
-Params = Union[TrainParams, SegmentParams, EvaluateParams, CaseAddParams, InfoParams]
+@dataclass
+class RetuneParams:
+    """``medtuning retune``: warm-start from ``model`` on ``library`` with a short budget ("Re-tune now").
+
+    Everything else (label scheme, modalities, preprocessing, architecture, base weights) comes from the
+    model folder. ``out`` None: the backend picks ``<model>-round<N>`` beside the model (reported in the
+    ``done`` event's ``outputs.model``)."""
+
+    model: PathLike
+    library: PathLike
+    out: Optional[PathLike] = None
+    epochs: Optional[int] = None
+    minutes: Optional[float] = None
+    steps_per_epoch: Optional[int] = None
+    device: Optional[str] = None
+    seed: Optional[int] = None
+    resume: bool = False
+    force: bool = False
+
+    def argv(self) -> list[str]:
+        _choice("device", self.device, DEVICES)
+        for name in ("epochs", "minutes", "steps_per_epoch"):
+            _positive(name, getattr(self, name))
+        if self.epochs is not None and self.minutes is not None:
+            raise ValueError("give epochs or minutes, not both")
+        return ["retune", *_opt("model", self.model), *_opt("library", self.library), *_opt("out", self.out),
+                *_opt("epochs", self.epochs), *_opt("minutes", self.minutes),
+                *_opt("steps-per-epoch", self.steps_per_epoch), *_opt("device", self.device),
+                *_opt("seed", self.seed), *_flag("resume", self.resume), *_flag("force", self.force)]
+
+    def workdir(self) -> Optional[Path]:
+        """Where a ``STOP`` file cancels the run (known only when ``out`` is given)."""
+        if self.out is None:
+            return None
+        out = Path(self.out)
+        return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+@dataclass
+class HistoryParams:
+    """``medtuning history``: held-out Dice per region and correction effort per round of a model's lineage."""
+
+    model: PathLike
+
+    def argv(self) -> list[str]:
+        return ["history", *_opt("model", self.model)]
+
+
+@dataclass
+class SuggestParams:
+    """``medtuning suggest``: the library's unlabelled scans ranked by the model's uncertainty ("Next scan
+    to correct": the first of ``outputs.ranking`` in the ``done`` event)."""
+
+    model: PathLike
+    library: PathLike
+    top: Optional[int] = None
+    device: Optional[str] = None
+
+    def argv(self) -> list[str]:
+        _choice("device", self.device, DEVICES)
+        _positive("top", self.top)
+        return ["suggest", *_opt("model", self.model), *_opt("library", self.library), *_opt("top", self.top),
+                *_opt("device", self.device)]
+
+
+Params = Union[TrainParams, SegmentParams, EvaluateParams, CaseAddParams, InfoParams, RetuneParams, HistoryParams,
+               SuggestParams]
 
 
 def backend_argv(python: PathLike, params: Params, events: bool = True) -> list[str]:
@@ -271,4 +344,4 @@ def backend_argv(python: PathLike, params: Params, events: bool = True) -> list[
 
 def stop_dir(params: Params) -> Optional[Path]:
     """Where a ``STOP`` file cancels this command (training: ``OUT.partial``; others: set by the runner)."""
-    return params.workdir() if isinstance(params, TrainParams) else None
+    return params.workdir() if isinstance(params, (TrainParams, RetuneParams)) else None

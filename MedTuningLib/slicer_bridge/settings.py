@@ -3,8 +3,9 @@
 The Slicer module stores :class:`BridgeSettings` in the application settings (per user, not per
 scene). Model discovery reads ``medtuning.json`` of every folder under the models folder so the
 Segment section can show one volume selector per modality, in channel order, and the segments a
-model writes. Reading is tolerant: a damaged folder is listed with its problem instead of breaking
-the list, and fields this version does not know are ignored.
+model writes. Model folders and case libraries are read through the project's records
+(:mod:`MedTuningLib.schema`), the same readers the backend uses: a damaged or newer folder is listed
+with its problem instead of breaking the list, and fields this version does not know are kept there.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from MedTuningLib.errors import MedTuningError
 from MedTuningLib.paths import default_cases_dir, default_models_dir
+from MedTuningLib.schema import CaseManifest, ModelManifest, SegmentEffort, history_rows
 
 MANIFEST_NAME = "medtuning.json"
 WEIGHTS_NAME = "weights.safetensors"
@@ -124,7 +127,14 @@ class SegmentInfo:
 
 @dataclass
 class ModelInfo:
-    """What the Segment section needs to know about a model folder."""
+    """What the Segment and Correct sections need to know about a model folder.
+
+    Read through :class:`MedTuningLib.schema.ModelManifest` (the record training writes). ``round`` is
+    the model's place in its correction lineage (0: first training; each re-tune adds one), ``test_dice``
+    the mean Dice per region on the library's held-out test cases when it was trained (empty when the
+    library had none) and ``history`` the rows of :func:`MedTuningLib.schema.history_rows` (one per
+    round: held-out Dice per region and the correction effort of the cases added for that round).
+    """
 
     path: Path
     name: str
@@ -134,7 +144,10 @@ class ModelInfo:
     architecture: str = ""
     method: str = ""
     pretrained: Optional[bool] = None
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # the training summary (epochs, seconds, best, ...)
+    round: int = 0
+    test_dice: dict[str, Optional[float]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
     problem: str = ""  # why the folder cannot be used; empty when it can
 
     @property
@@ -149,86 +162,47 @@ class ModelInfo:
         text = ", ".join(p for p in parts if p)
         if self.pretrained is False:
             text += " (not pretrained)"
+        if self.round:
+            text += f", round {self.round}"
         segs = ", ".join(s.name for s in self.segments)
         return f"{self.name} — {text}; modalities: {', '.join(self.modalities) or '?'}" + (f"; segments: {segs}" if segs else "")
 
 
 def _color(value: Any) -> Optional[tuple[float, float, float]]:
-    """RGB from ``[r, g, b]`` (0..1 or 0..255) or ``"#rrggbb"``."""
-    if isinstance(value, str) and value.startswith("#") and len(value) == 7:
-        try:
-            return tuple(int(value[i:i + 2], 16) / 255.0 for i in (1, 3, 5))  # type: ignore[return-value]
-        except ValueError:
-            return None
+    """RGB (0..1) from a label scheme's ``[r, g, b]``."""
     if isinstance(value, (list, tuple)) and len(value) >= 3 and all(isinstance(v, (int, float)) for v in value[:3]):
-        rgb = [float(v) for v in value[:3]]
-        if max(rgb) > 1.0:
-            rgb = [v / 255.0 for v in rgb]
-        return (rgb[0], rgb[1], rgb[2])
+        return (float(value[0]), float(value[1]), float(value[2]))
     return None
 
 
-def _segment_entries(scheme: Any) -> list[SegmentInfo]:
-    """Segments a label scheme writes, from the forms a scheme may take in ``medtuning.json``."""
-    if not isinstance(scheme, dict):
-        return []
-    entries: Any = scheme.get("segments")
-    if entries is None:
-        written = scheme.get("write") or scheme.get("writes") or "classes"
-        entries = scheme.get(written) if isinstance(written, str) else None
-        if entries is None:
-            entries = scheme.get("classes")
-    if isinstance(entries, dict):  # {"Kidney": {...}, ...}
-        entries = [{"name": k, **(v if isinstance(v, dict) else {})} for k, v in entries.items()]
-    segments = []
-    for item in entries or []:
-        if isinstance(item, str):
-            segments.append(SegmentInfo(item))
-        elif isinstance(item, dict) and isinstance(item.get("name"), str):
-            value = item.get("value", item.get("label_value"))
-            segments.append(SegmentInfo(item["name"], _color(item.get("color")),
-                                        value if isinstance(value, int) else None))
-    return segments
-
-
 def read_model_info(folder: os.PathLike | str) -> ModelInfo:
-    """Describe a model folder; problems are reported in ``problem``, never raised."""
+    """Describe a model folder; problems (also a newer format) are reported in ``problem``, never raised."""
     path = Path(folder)
     info = ModelInfo(path=path, name=path.name)
     manifest_path = path / MANIFEST_NAME
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        record = ModelManifest.from_dict(json.loads(manifest_path.read_text(encoding="utf-8")), str(manifest_path))
     except FileNotFoundError:
         info.problem = f"no {MANIFEST_NAME} (not a MedTuning model folder)"
         return info
     except (OSError, ValueError) as exc:
         info.problem = f"{MANIFEST_NAME} cannot be read: {exc}"
         return info
-    if not isinstance(manifest, dict):
-        info.problem = f"{MANIFEST_NAME} is not a model description"
+    except MedTuningError as exc:
+        info.problem = f"{exc.message} ({exc.hint})"
         return info
-    modalities = manifest.get("modalities")
-    info.modalities = [str(m) for m in modalities] if isinstance(modalities, list) else []
-    scheme = manifest.get("label_scheme")
-    info.segments = _segment_entries(scheme)
-    task = (scheme.get("task") or scheme.get("preset") or scheme.get("name")) if isinstance(scheme, dict) else None
-    info.task = str(task or manifest.get("task") or "")
-    arch = manifest.get("architecture")
-    info.architecture = str(arch.get("arch") or arch.get("name") or "") if isinstance(arch, dict) else str(arch or "")
-    method = manifest.get("method")
-    info.method = str(method.get("name") or "") if isinstance(method, dict) else str(method or "")
-    if not info.method and isinstance(arch, dict):
-        info.method = str(arch.get("method") or "")
-    base = manifest.get("base_weights")
-    if base == "none" or (isinstance(base, dict) and base.get("source") == "none"):
-        info.pretrained = False
-    elif isinstance(base, dict):
-        info.pretrained = True
-    summary = manifest.get("training") or manifest.get("training_summary") or {}
-    info.summary = summary if isinstance(summary, dict) else {}
-    if not info.modalities:
-        info.problem = "the model description names no modalities"
-    elif not (path / WEIGHTS_NAME).is_file():
+    info.modalities = list(record.modalities)
+    segments = record.label_scheme.get("segments") or []
+    info.segments = [SegmentInfo(str(s.get("name")), _color(s.get("color")), i)
+                     for i, s in enumerate(segments, start=1) if isinstance(s, dict)]
+    info.task, info.architecture, info.method = record.task, record.arch, record.method_name
+    info.pretrained = record.pretrained
+    info.summary = record.training.to_dict()
+    info.round = record.round
+    if record.test is not None:
+        info.test_dice = {r: record.test.mean(f"dice/{r}") for r in record.test.regions}
+    info.history = history_rows(record)
+    if not (path / WEIGHTS_NAME).is_file():
         info.problem = f"{WEIGHTS_NAME} is missing"
     return info
 
@@ -263,39 +237,76 @@ def next_model_name(models_dir: os.PathLike | str, base: str) -> str:
 
 @dataclass
 class CaseEntry:
+    """One case of a library, as the Slicer cases table and the browser app show it.
+
+    ``provenance`` is where the case came from (``import``, ``scene`` or ``correction``), ``added`` when
+    (ISO 8601), ``source`` a free-text origin, ``from_model`` the model whose result was corrected;
+    ``effort`` maps each segment to its :class:`MedTuningLib.schema.SegmentEffort` (Dice between the
+    model's result and the correction, voxels / mm³ added and removed). ``label`` is empty for an
+    unlabelled scan (split ``unlabelled``).
+    """
+
     case_id: str
     images: dict[str, str]  # modality name -> file (relative to the library)
     label: str
     split: str = "train"
     provenance: str = ""
+    added: str = ""
+    source: str = ""
+    from_model: str = ""
+    effort: dict[str, SegmentEffort] = field(default_factory=dict)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.label)
+
+    def effort_text(self) -> str:
+        """``"Spleen: Dice 0.91, +120 / -30 mm³"`` per corrected segment; empty when not a measured correction."""
+        parts = []
+        for name, e in self.effort.items():
+            dice = "–" if e.dice is None else f"{e.dice:.2f}"
+            parts.append(f"{name}: Dice {dice}, +{e.mm3_added:.0f} / -{e.mm3_removed:.0f} mm³")
+        return "; ".join(parts)
 
 
 def read_case_library(library: os.PathLike | str) -> list[CaseEntry]:
-    """The cases listed in ``cases.json`` (empty when the library does not exist yet)."""
+    """The cases listed in ``cases.json`` (read through :class:`MedTuningLib.schema.CaseManifest`);
+    empty when the library does not exist yet or its manifest is broken or newer (then
+    :func:`case_library_problem` says why)."""
+    try:
+        manifest = _read_case_manifest(library)
+    except (OSError, ValueError, MedTuningError):
+        return []
+    if manifest is None:
+        return []
+    return [CaseEntry(case_id=c.id, images=dict(c.images), label=c.label or "", split=c.split,
+                      provenance=c.provenance.kind, added=c.provenance.added, source=c.provenance.source,
+                      from_model=c.provenance.from_model or "", effort=dict(c.provenance.effort))
+            for c in manifest.cases]
+
+
+def case_library_problem(library: os.PathLike | str) -> str:
+    """Why ``cases.json`` cannot be read (empty when it can, or when there is none yet)."""
+    try:
+        _read_case_manifest(library)
+    except (OSError, ValueError) as exc:
+        return f"{CASES_MANIFEST} cannot be read: {exc}"
+    except MedTuningError as exc:
+        return f"{exc.message} ({exc.hint})"
+    return ""
+
+
+def _read_case_manifest(library: os.PathLike | str) -> Optional[CaseManifest]:
     path = Path(library) / CASES_MANIFEST
     if not path.is_file():
-        return []
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    cases = manifest.get("cases") if isinstance(manifest, dict) else None
-    entries = []
-    for item in cases or []:
-        if not isinstance(item, dict):
-            continue
-        images = item.get("images") or item.get("image") or {}
-        if isinstance(images, list):
-            images = {str(i): str(v) for i, v in enumerate(images)}
-        provenance = item.get("provenance")
-        entries.append(CaseEntry(
-            case_id=str(item.get("id") or item.get("case_id") or "?"),
-            images={str(k): str(v) for k, v in images.items()} if isinstance(images, dict) else {},
-            label=str(item.get("label") or ""),
-            split=str(item.get("split") or "train"),
-            provenance=str(provenance.get("kind") or provenance.get("type") or "") if isinstance(provenance, dict)
-            else str(provenance or "")))
-    return entries
+        return None
+    return CaseManifest.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+
+
+def read_history(model: os.PathLike | str) -> list[dict[str, Any]]:
+    """The model's rounds for a table or plot (see :func:`MedTuningLib.schema.history_rows`); empty when
+    the folder cannot be read."""
+    return read_model_info(model).history
 
 
 # -- dependency check ----------------------------------------------------------------------------
