@@ -23,6 +23,9 @@ class CancelToken:
         self._event = threading.Event()
         self.reason = ""
         self._previous: dict[int, object] = {}
+        # Commands that never poll the token (short, all-or-nothing ones such as 'cases add') stop at once:
+        # the signal raises Cancelled where the command is, and its staging / atomic writes clean up.
+        self.immediate = False
 
     def install_signal_handlers(self) -> "CancelToken":
         """Turn SIGINT / SIGTERM into a cancel request (only possible in the main thread)."""
@@ -39,6 +42,8 @@ class CancelToken:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.request(f"signal {signal.Signals(signum).name}")
+        if self.immediate:
+            raise Cancelled(self.reason)
 
     def request(self, reason: str = "requested") -> None:
         self.reason = reason

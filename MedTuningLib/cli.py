@@ -91,6 +91,23 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+MAX_RATE = 1000.0  # learning rate / weight decay: far beyond any useful value, well inside float32
+
+
+def _learning_rate(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_RATE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_RATE:g}, not {text}")
+    return value
+
+
+def _decay(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > MAX_RATE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_RATE:g}, not {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -164,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                    help="training steps per epoch (default: one pass over the training cases' crops)")
     p.add_argument("--minutes", type=_positive_float, default=None, help="time budget; stops cleanly when spent")
-    p.add_argument("--lr", type=_positive_float, default=2e-3, help="learning rate (paper: 2e-3)")
-    p.add_argument("--weight-decay", type=_non_negative_float, default=1e-5)
+    p.add_argument("--lr", type=_learning_rate, default=2e-3, help="learning rate (paper: 2e-3)")
+    p.add_argument("--weight-decay", type=_decay, default=1e-5)
     p.add_argument("--warmup-epochs", type=_non_negative_int, default=None, help="linear warm-up before the cosine schedule")
     p.add_argument("--loss", choices=("dice", "dice_ce"), default="dice_ce", help="dice (paper) or dice+cross-entropy")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -436,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ctx = CommandContext(events=events, command=args.command)
     ctx.cancel.install_signal_handlers()
+    # 'cases' never polls for a cancel (issue 15: SIGINT during 'cases add' was ignored); its writes are
+    # staged and atomic, so a signal may stop it wherever it is.
+    ctx.cancel.immediate = args.command == "cases"
     try:
         module = importlib.import_module(f"MedTuningLib.commands.{_command_module_name(args)}")
     except ModuleNotFoundError as exc:

@@ -235,7 +235,29 @@ def _read_segmentation(path: Path, skip_voxels: bool = False) -> dict[str, Any]:
                              "save the segmentation again from 3D Slicer (File > Save, .seg.nrrd)",
                              path=str(path)) from exc
     seg.setdefault("segments", [])
+    _check_segment_names(path, seg["segments"])
     return seg
+
+
+def _check_segment_names(path: Path, segments: list[dict[str, Any]]) -> None:
+    """Segment names go into every file MedTuning writes from this label: refuse names that would
+    break them (control characters) and two segments of one name, naming the file (issue 15)."""
+    from MedTuningLib.data.labels import normalize_name, text_problem
+
+    seen: dict[str, str] = {}
+    for segment in segments:
+        name = segment.get("name", segment.get("id", ""))
+        problem = text_problem(name, "segment name")
+        if problem:
+            raise MedTuningError("LABEL_SPEC_INVALID", f"{path}: {problem}",
+                                 "rename the segment in 3D Slicer (Segment Editor: double-click the name) and save "
+                                 "again", path=str(path))
+        key = normalize_name(str(name))
+        if key in seen:
+            raise MedTuningError("LABEL_SPEC_INVALID", f"{path} has two segments named {seen[key]!r} and {name!r}",
+                                 "give every segment its own name in 3D Slicer, or merge the two, and save again",
+                                 path=str(path))
+        seen[key] = str(name)
 
 
 @dataclass

@@ -66,6 +66,45 @@ class SegmentDef:
     terminology: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(GENERIC_TERMINOLOGY))
 
 
+# Characters no segment name, description or terminology entry may hold: they end or add lines of a NRRD
+# header (a crafted name could add or change header fields), or reorder text (bidirectional overrides).
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Slicer serialises terminology as fields joined by "^", entries by "~" and tags by "|".
+TERMINOLOGY_SEPARATORS = "~^|"
+MAX_NAME_LENGTH = 200
+
+
+def text_problem(text: Any, what: str, separators: str = "", max_length: int = MAX_NAME_LENGTH) -> str | None:
+    """Why ``text`` cannot go into a file format (None when it can): not text, empty, too long, a control
+    character or line break, a bidirectional override, or one of ``separators``."""
+    if not isinstance(text, str):
+        return f"{what} {text!r} is not text"
+    if not text.strip() and what.endswith("name"):
+        return f"{what} is empty"
+    if len(text) > max_length:
+        return f"{what} {text[:40]!r}… is longer than {max_length} characters"
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in _BIDI_CONTROLS:
+            return f"{what} {text!r} holds the control character U+{ord(char):04X}"
+        if char in separators:
+            return f"{what} {text!r} holds {char!r}, which separates fields in a .seg.nrrd"
+    return None
+
+
+def _terminology_problem(terminology: Any, what: str) -> str | None:
+    if not isinstance(terminology, dict):
+        return f"the terminology of {what} is not an object"
+    for key, value in terminology.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if item is None:
+                continue
+            problem = text_problem(item, f"terminology {key} of {what}", TERMINOLOGY_SEPARATORS, 500)
+            if problem:
+                return problem
+    return None
+
+
 def normalize_name(name: str) -> str:
     """Segment names compare case-, accent-form- and separator-insensitively ("Left_Lung" == "left lung")."""
     text = unicodedata.normalize("NFKC", name).casefold().replace("_", " ").replace("-", " ")
@@ -136,6 +175,23 @@ class LabelScheme:
 
         if not self.classes:
             raise bad("it has no classes")
+        # Names and terminology are written into .seg.nrrd headers, DICOM SEG, JSON and HTML (issue 15).
+        for kind, items in (("class", self.classes), ("region", self.regions), ("segment", self.segments)):
+            for item in items:
+                problem = text_problem(item.name, f"{kind} name")
+                if problem:
+                    raise bad(problem)
+        for segment in self.segments:
+            problem = _terminology_problem(segment.terminology, f"segment {segment.name!r}")
+            color = segment.color
+            if problem is None and (not isinstance(color, (tuple, list)) or len(color) != 3 or not all(
+                    isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1 for c in color)):
+                problem = f"segment {segment.name!r} has the colour {color!r}, not three numbers from 0 to 1"
+            if problem:
+                raise bad(problem)
+        for name in self.composite:
+            if text_problem(name, "composite region name"):
+                raise bad(text_problem(name, "composite region name"))
         names = [normalize_name(c.name) for c in self.classes]
         if len(set(names)) != len(names):
             raise bad("two classes have the same name")

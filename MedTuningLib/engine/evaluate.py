@@ -21,13 +21,16 @@ from MedTuningLib.fileio import ensure_writable_dir, write_bytes_atomic, write_j
 from MedTuningLib.schema import CaseScores, EvaluationReport
 
 
-def dice_hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], hd95: bool = True) -> tuple[float, float | None]:
-    """Dice and HD95 (mm) of two boolean masks, by MONAI's ``compute_dice`` / ``compute_hausdorff_distance``."""
+def dice_hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], hd95: bool = True,
+              hd95_both_empty: float | None = 0.0) -> tuple[float, float | None]:
+    """Dice and HD95 (mm) of two boolean masks, by MONAI's ``compute_dice`` / ``compute_hausdorff_distance``.
+
+    ``hd95_both_empty``: the HD95 of a region absent from both (0 mm; the paper protocol leaves it out: None)."""
     from monai.metrics import compute_dice, compute_hausdorff_distance
 
     pred_any, ref_any = bool(pred.any()), bool(ref.any())
     if not pred_any and not ref_any:
-        return 1.0, 0.0
+        return 1.0, hd95_both_empty
     if not pred_any or not ref_any:
         return 0.0, None
     p = torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float32))[None, None]
@@ -41,13 +44,14 @@ def dice_hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], hd95:
 
 
 def region_scores(scheme, pred_classes: np.ndarray, ref_classes: np.ndarray, spacing: Sequence[float],
-                  hd95: bool = True) -> dict[str, float | None]:
+                  hd95: bool = True, hd95_both_empty: float | None = 0.0) -> dict[str, float | None]:
     """``{"dice/<region>": ..., "hd95/<region>": ...}`` for every evaluation region (+ composite)."""
     pred_regions = scheme.region_masks(pred_classes)
     ref_regions = scheme.region_masks(ref_classes)
     scores: dict[str, float | None] = {}
     for region in scheme.regions:
-        dice, distance = dice_hd95(pred_regions[region.name], ref_regions[region.name], spacing, hd95)
+        dice, distance = dice_hd95(pred_regions[region.name], ref_regions[region.name], spacing, hd95,
+                                   hd95_both_empty)
         scores[f"dice/{region.name}"] = dice
         if hd95:
             scores[f"hd95/{region.name}"] = distance
@@ -104,8 +108,11 @@ def evaluate_model(model_dir: Path, library: Path, split: str = "test", device: 
                    events: EventStream | None = None, tta: bool = False, overlap: float = 0.5,
                    report_dir: Path | None = None, weights: str | None = None, precision: str = "auto",
                    case_ids: Sequence[str] | None = None, protocol: str = "", cancel=None,
-                   montages: bool = True) -> dict:
-    """Segment every case of a library split with a model folder and score it against its label."""
+                   montages: bool = True, inference: str = "project") -> dict:
+    """Segment every case of a library split with a model folder and score it against its label.
+
+    ``inference="paper"``: the official protocol (engine/recipe.py: windows at stride crop/3, uniform
+    averaging, 8-flip TTA, BraTS ET < 500 voxels -> NCR/NET, HD95 of regions absent from both left out)."""
     from MedTuningLib.cases import CaseLibrary
     from MedTuningLib.data.io import read_label
     from MedTuningLib.engine.device import resolve_device, resolve_precision
@@ -118,6 +125,12 @@ def evaluate_model(model_dir: Path, library: Path, split: str = "test", device: 
     if report_dir is not None:
         ensure_writable_dir(Path(report_dir), "report")
     loaded = load_model_folder(model_dir, torch_device, weights=weights)
+    from MedTuningLib.engine.recipe import inference_protocol
+
+    window = inference_protocol(inference, loaded.crop, tta=tta, overlap=overlap)
+    if inference == "paper":
+        tta = window.tta
+        protocol = "; ".join(p for p in (protocol, window.describe()) if p)
     lib = CaseLibrary(library)
     if case_ids is not None:
         cases = [lib.get(i) for i in case_ids]
@@ -134,10 +147,12 @@ def evaluate_model(model_dir: Path, library: Path, split: str = "test", device: 
         events.progress("infer", i, len(cases), case=case.id)
         t0 = time.monotonic()
         result = segment_images(loaded, case.image_paths, torch_device, dtype, overlap=overlap, tta=tta,
-                                log=events.log, on_window=cancel.check if cancel is not None else None)
+                                log=events.log, on_window=cancel.check if cancel is not None else None,
+                                protocol=window if inference == "paper" else None)
         reference_classes = read_label(case.label_path, result.reference, loaded.scheme, allow_empty=True)
         spacing = tuple(float(s) for s in reversed(result.reference.GetSpacing()))
-        metrics = region_scores(loaded.scheme, result.class_map, reference_classes, spacing)
+        metrics = region_scores(loaded.scheme, result.class_map, reference_classes, spacing,
+                                hd95_both_empty=window.hd95_both_empty)
         results.append({"id": case.id, "metrics": metrics, "seconds": round(time.monotonic() - t0, 2)})
         for name, value in metrics.items():
             if value is not None:

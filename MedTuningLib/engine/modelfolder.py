@@ -126,7 +126,8 @@ def restore_base_weights(model: torch.nn.Module, record: dict[str, Any], overrid
     if record.get("source") == "file" and override is None and not Path(str(source)).is_file():
         raise MedTuningError("WEIGHTS_NOT_FOUND", f"the base-weights file this model was tuned on is not at {source}",
                              "pass its current location with --weights FILE (the sha256 is checked)")
-    info = load_base_weights(model, str(source))
+    # The same initialisation as in training ("official" leaves some tensors random: they are in the weights file).
+    info = load_base_weights(model, str(source), init=record.get("init") or "project")
     expected = record.get("sha256")
     if expected and info.sha256 and info.sha256 != expected:
         raise MedTuningError("WEIGHTS_CHECKSUM_MISMATCH",

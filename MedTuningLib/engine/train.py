@@ -33,6 +33,9 @@ from MedTuningLib.errors import Cancelled, MedTuningError
 from MedTuningLib.events import EventStream
 from MedTuningLib.fileio import (FileLock, check_output_folder, ensure_writable_dir, read_json, replace_dir,
                                  write_json_atomic)
+from MedTuningLib.engine.objectives import learning_rate
+from MedTuningLib.engine.recipe import steps_per_epoch as recipe_steps_per_epoch
+from MedTuningLib.engine.recipe import use_sync_batchnorm
 from MedTuningLib.models.base import compact_frozen_weights
 from MedTuningLib.schema import (FORMAT_VERSION, CaseScores, EvaluationReport, ModelManifest, RoundRecord,
                                  correction_totals, summarise_scores)
@@ -67,6 +70,19 @@ class TrainOptions:
     weight_decay: float = 1e-5
     warmup_epochs: int | None = None
     loss: str = "dice_ce"
+    # The official Med-Tuning choices, one option each (``--recipe paper`` sets them all; engine/recipe.py,
+    # docs/method.md): schedule, epoch size, crop sampling, intensity augmentation, base-weight loading,
+    # model selection, SyncBatchNorm, ViT LayerNorm eps, decoder initialisation.
+    schedule: str = "cosine"
+    epoch_passes: int = 2
+    crop_sampling: str = "foreground"
+    intensity_aug: str = "global"
+    base_init: str = "project"
+    select: str = "best"
+    sync_batchnorm: bool = False
+    norm_eps: float | None = None
+    decoder_init: str = "default"
+    recipe: dict | None = None  # {"name": "paper", "settings": ..., "overridden": ...} under --recipe
     precision: str = "auto"
     checkpointing: str = "auto"
     val_every: int = 1
@@ -109,7 +125,9 @@ class TrainOptions:
         """The settings a resumed run must share with the interrupted one."""
         keep = ("task", "labels", "source_labels", "arch", "backbone", "backbone_kwargs", "decoder_width", "method",
                 "adapter", "weights", "crop", "batch", "accumulate", "epochs", "steps_per_epoch", "lr",
-                "weight_decay", "warmup_epochs", "loss", "seed", "train_case_ids", "val_case_ids", "segments")
+                "weight_decay", "warmup_epochs", "loss", "seed", "train_case_ids", "val_case_ids", "segments",
+                "schedule", "epoch_passes", "crop_sampling", "intensity_aug", "base_init", "select", "norm_eps",
+                "decoder_init")
         data = asdict(self)
         result = {k: data[k] for k in keep}
         result["crop"] = list(self.crop)
@@ -352,11 +370,12 @@ class CropSampler:
     """Draws training batches of random crops (MONAI transforms) from cases held in memory."""
 
     def __init__(self, cases: list[dict], crop: tuple[int, int, int], num_classes: int,
-                 flip_axes: tuple[int, ...] = (0, 1, 2)) -> None:
+                 flip_axes: tuple[int, ...] = (0, 1, 2), sampling: str = "foreground", intensity: str = "global") -> None:
         from MedTuningLib.data.transforms import training_transforms
 
         self.cases = cases
-        self.transforms = training_transforms(crop, num_classes=num_classes, flip_axes=flip_axes)
+        self.transforms = training_transforms(crop, num_classes=num_classes, flip_axes=flip_axes, sampling=sampling,
+                                              intensity=intensity)
         self.rng = np.random.default_rng(0)
 
     def reseed(self, seed: int) -> None:
@@ -507,9 +526,14 @@ class TrainingRun:
                                  "use e.g. --crop 16x128x128")
         cfg = ModelConfig(arch=opts.arch, backbone=opts.backbone, in_channels=in_channels, num_classes=num_classes,
                           img_size=h, depth=d, method=opts.method, adapter=AdapterConfig(**opts.adapter),
-                          backbone_kwargs=dict(opts.backbone_kwargs), decoder_width=opts.decoder_width)
+                          backbone_kwargs=dict(opts.backbone_kwargs), decoder_width=opts.decoder_width,
+                          norm_eps=opts.norm_eps)
         model = build_model(cfg)
-        base = load_base_weights(model, opts.weights)
+        if opts.decoder_init == "trunc_normal":
+            from MedTuningLib.engine.recipe import init_decoder_trunc_normal
+
+            init_decoder_trunc_normal(model)  # before the base weights: official init, then load_from
+        base = load_base_weights(model, opts.weights, progress=self.events.log, init=opts.base_init)
         if not base.pretrained:
             self.events.log("base weights: none (random initialisation, not pretrained)", level="warning")
         else:
@@ -637,8 +661,10 @@ class TrainingRun:
         flip_axes = (0, 1) if is_lateral(scheme) else (0, 1, 2)
         if len(flip_axes) < 3:
             events.log("left/right segments: no left-right flips in training or test-time augmentation")
-        sampler = CropSampler(train_data, crop, scheme.num_classes, flip_axes=flip_axes)
-        steps_per_epoch = opts.steps_per_epoch or max(1, math.ceil(len(train_data) * 2 / (opts.batch * self.dist.world)))
+        sampler = CropSampler(train_data, crop, scheme.num_classes, flip_axes=flip_axes, sampling=opts.crop_sampling,
+                              intensity=opts.intensity_aug)
+        steps_per_epoch = opts.steps_per_epoch or recipe_steps_per_epoch(len(train_data), opts.batch, self.dist.world,
+                                                                         opts.epoch_passes)
         loss_fn = make_loss(opts.loss)
 
         # Resume ---------------------------------------------------------------------------------------
@@ -663,9 +689,12 @@ class TrainingRun:
             self.curves = TrainingCurves(self.work)
 
         train_model = model
+        self.batchnorm = "BatchNorm"
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
+            if opts.sync_batchnorm:  # the official choice; torch has it on GPUs only (engine/recipe.py)
+                model, self.batchnorm = use_sync_batchnorm(model, device, self.dist.world, events.log)
             train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
         def state_dict_for(epoch: int) -> dict:
@@ -691,7 +720,8 @@ class TrainingRun:
                         raise Cancelled(self.cancel.reason or "cancel requested on another rank")
                     global_step = (epoch - 1) * steps_per_epoch + step
                     total_steps = total_epochs * steps_per_epoch
-                    lr = opts.lr * lr_factor(global_step, total_steps, warmup_epochs * steps_per_epoch)
+                    lr = learning_rate(opts.schedule, opts.lr, epoch, step, steps_per_epoch, total_epochs,
+                                       warmup_epochs)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     loss_value = self._train_step(train_model, optimizer, sampler, loss_fn, device, dtype)
@@ -810,7 +840,7 @@ class TrainingRun:
         opts = self.opts
         events = self.events
         events.progress("write", 0, 1)
-        if (self.work / BEST_WEIGHTS).exists():
+        if opts.select == "best" and (self.work / BEST_WEIGHTS).exists():  # "last": the model as trained
             tensors = load_safetensors(self.work / BEST_WEIGHTS, "best weights")
             self._load_stored(model, {k: v.to(device) for k, v in tensors.items()})
         stored, tensors = weights_to_store(model, self.base["pretrained"])
@@ -829,6 +859,12 @@ class TrainingRun:
             "crop": list(crop),
             "flip_axes": list(flip_axes),
             "parameters": {k: report[k] for k in ("full", "tuned", "inserted", "head") if k in report},
+            "recipe": (opts.recipe or {}).get("name", "none"),
+            "training_choices": {"loss": opts.loss, "schedule": opts.schedule, "epoch_passes": opts.epoch_passes,
+                                 "crop_sampling": opts.crop_sampling, "intensity_aug": opts.intensity_aug,
+                                 "base_init": opts.base_init, "selection": opts.select, "batchnorm": self.batchnorm,
+                                 "norm_eps": opts.norm_eps, "decoder_init": opts.decoder_init,
+                                 "recipe_overridden": (opts.recipe or {}).get("overridden", {})},
             "training": {
                 "epochs": epochs_done, "seconds": round(seconds, 1), "peak_memory_mb": round(peak_memory_mb(device), 1),
                 "best": best["metrics"], "best_epoch": best["epoch"], "batch": opts.batch,
@@ -926,11 +962,7 @@ class _nullcontext:
 
 
 def make_loss(name: str):
-    """Dice (as in the paper) or Dice + cross-entropy, both from MONAI, on softmax outputs."""
-    from monai.losses import DiceCELoss, DiceLoss
+    """The MONAI loss ``name`` (dice_ce, dice, or dice_fg_batch: the official one): engine/objectives.py."""
+    from MedTuningLib.engine.objectives import make_loss as _make_loss
 
-    if name == "dice":
-        return DiceLoss(to_onehot_y=True, softmax=True)
-    if name == "dice_ce":
-        return DiceCELoss(to_onehot_y=True, softmax=True)
-    raise MedTuningError("INVALID_OPTION", f"unknown loss {name!r}", "use dice or dice_ce")
+    return _make_loss(name)

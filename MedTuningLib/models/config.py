@@ -42,6 +42,69 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 # Methods every architecture supports; the paper archs (and all ViT decoders) support all of METHODS.
 CORE_METHODS = ("scratch", "full", "head", "med_tuning")
 
+# Backbone keyword arguments that --backbone-args or a model folder's medtuning.json may set: sizes, rates
+# and switches only (issue 15). timm's checkpoint_path / pretrained_cfg make it torch.load a file or reach
+# a hub: anything naming a file or a hub is refused with UNSAFE_FILE, any other unknown name with
+# INVALID_OPTION, so that nothing is ever unpickled or downloaded through configuration.
+_SIZE, _RATE, _RATIO, _FLAG = "a positive integer (or a list of them)", "a number from 0 to below 1", \
+    "a positive number", "true or false"
+_COMMON = {"patch_size": _SIZE, "embed_dim": _SIZE, "num_heads": _SIZE, "img_size": _SIZE, "mlp_ratio": _RATIO,
+           "qkv_bias": _FLAG, "drop_rate": _RATE, "attn_drop_rate": _RATE, "proj_drop_rate": _RATE,
+           "drop_path_rate": _RATE}
+BACKBONE_KWARGS: dict[str, dict[str, str]] = {
+    "vit": {**_COMMON, "depth": _SIZE, "qk_norm": _FLAG, "init_values": _RATIO, "no_embed_class": _FLAG,
+            "pre_norm": _FLAG},
+    "swin": {**_COMMON, "depths": _SIZE, "window_size": _SIZE, "ape": _FLAG, "patch_norm": _FLAG},
+    "swin_unetr": {"feature_size": _SIZE, "depths": _SIZE, "num_heads": _SIZE, "window_size": _SIZE,
+                   "patch_size": _SIZE, "mlp_ratio": _RATIO, "qkv_bias": _FLAG, "drop_rate": _RATE,
+                   "attn_drop_rate": _RATE, "dropout_path_rate": _RATE, "normalize": _FLAG, "patch_norm": _FLAG,
+                   "use_checkpoint": _FLAG, "use_v2": _FLAG},
+}
+_UNSAFE_WORDS = ("checkpoint", "pretrained", "path", "file", "hub", "url", "cache", "cfg", "config", "load", "dir",
+                 "repo")
+MAX_SIZE = 65536  # any size of a backbone, crop or decoder stays below this
+_SETTINGS_HINT = ("check the model options (--crop, --decoder-width, --backbone); a model folder with such a value "
+                  "is damaged or was edited: train it again")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fits(value: Any, kind: str) -> bool:
+    import math
+
+    if kind == _SIZE:
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        return bool(values) and all(_is_int(v) and 1 <= v <= MAX_SIZE for v in values)
+    if kind == _FLAG:
+        return isinstance(value, bool)
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        return False
+    return 0 <= value < 1 if kind == _RATE else 0 < value <= 1000
+
+
+def check_backbone_kwargs(family: str, kwargs: Any) -> None:
+    """Refuse backbone keyword arguments outside :data:`BACKBONE_KWARGS` (see there why)."""
+    where = "(from --backbone-args or a model folder's medtuning.json)"
+    if not isinstance(kwargs, dict):
+        raise MedTuningError("INVALID_OPTION", f"backbone settings {where} must be KEY=VALUE pairs, not {kwargs!r}",
+                             'write e.g. --backbone-args "depth=4,embed_dim=192,num_heads=3"')
+    allowed = BACKBONE_KWARGS.get(family, {})
+    for key, value in kwargs.items():
+        if key not in allowed:
+            if any(word in str(key).lower() for word in _UNSAFE_WORDS) or isinstance(value, str):
+                raise MedTuningError("UNSAFE_FILE", f"backbone setting {key}={value!r} {where} would make the "
+                                     "backbone library load a file or reach a hub; MedTuning never loads weights "
+                                     "through settings (a checkpoint could run code when unpickled)",
+                                     "give base weights with --weights FILE (safetensors), and only sizes in "
+                                     "--backbone-args: " + ", ".join(sorted(allowed)))
+            raise MedTuningError("INVALID_OPTION", f"unknown backbone setting {key!r} {where}",
+                                 "use only " + ", ".join(sorted(allowed)))
+        if not _fits(value, allowed[key]):
+            raise MedTuningError("INVALID_OPTION", f"backbone setting {key} must be {allowed[key]}, not {value!r} "
+                                 f"{where}", "e.g. depth=4,embed_dim=192,num_heads=3,patch_size=8")
+
 
 @dataclass
 class AdapterConfig:
@@ -54,9 +117,17 @@ class AdapterConfig:
     fusion: str = "concat"             # inter-stage fusion: concat | add | max | none
 
     def validate(self) -> None:
-        if not self.alpha > 0:
-            raise MedTuningError("INVALID_OPTION", f"adapter alpha must be positive, not {self.alpha}",
+        import math
+
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha) \
+                or not self.alpha > 0:
+            raise MedTuningError("INVALID_OPTION", f"adapter alpha must be a positive number, not {self.alpha!r}",
                                  "use e.g. --alpha 6 (the paper's default)")
+        for name in ("local_branch", "mix"):
+            if not isinstance(getattr(self, name), bool):
+                raise MedTuningError("INVALID_OPTION", f"adapter {name} must be true or false, not "
+                                     f"{getattr(self, name)!r}", "the model folder is damaged or was edited: train it "
+                                     "again")
         if self.global_branch not in GLOBAL_BRANCHES:
             raise MedTuningError("INVALID_OPTION", f"unknown adapter global branch {self.global_branch!r}",
                                  f"choose one of {', '.join(GLOBAL_BRANCHES)}")
@@ -110,10 +181,17 @@ class ModelConfig:
                                  f"use one of {', '.join(CORE_METHODS)} with swin_unetr")
         for name in ("in_channels", "num_classes", "img_size", "depth"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise MedTuningError("INVALID_OPTION", f"{name} must be a positive integer, not {value!r}")
-        if self.decoder_width is not None and self.decoder_width < 1:
-            raise MedTuningError("INVALID_OPTION", f"decoder_width must be positive, not {self.decoder_width}")
+            if not _is_int(value) or not 1 <= value <= MAX_SIZE:
+                raise MedTuningError("INVALID_OPTION", f"{name} must be a positive integer up to {MAX_SIZE}, not "
+                                     f"{value!r}", _SETTINGS_HINT)
+        if self.decoder_width is not None and (not _is_int(self.decoder_width)
+                                               or not 1 <= self.decoder_width <= MAX_SIZE):
+            raise MedTuningError("INVALID_OPTION", f"decoder_width must be a positive integer, not {self.decoder_width!r}",
+                                 _SETTINGS_HINT)
+        if self.backbone is not None and not isinstance(self.backbone, str):
+            raise MedTuningError("UNKNOWN_BACKBONE", f"backbone must be a timm name, not {self.backbone!r}",
+                                 _SETTINGS_HINT)
+        check_backbone_kwargs(self.family, self.backbone_kwargs)
         self.adapter.validate()
 
     def to_dict(self) -> dict:
@@ -123,13 +201,20 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise MedTuningError("MODEL_FOLDER_INVALID", f"the architecture must be a JSON object, not {d!r}",
+                                 "the model folder is damaged: train it again or copy it again")
         d = dict(d)
         adapter = d.pop("adapter", None) or {}
+        if not isinstance(adapter, (dict, AdapterConfig)):
+            raise MedTuningError("MODEL_FOLDER_INVALID", f"the adapter settings must be a JSON object, not {adapter!r}",
+                                 "the model folder is damaged: train it again or copy it again")
         known = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in known},
                   adapter=adapter if isinstance(adapter, AdapterConfig) else AdapterConfig(
                       **{k: v for k, v in adapter.items() if k in {f.name for f in fields(AdapterConfig)}}))
-        cfg.backbone_kwargs = dict(cfg.backbone_kwargs or {})
+        if isinstance(cfg.backbone_kwargs, dict) or cfg.backbone_kwargs is None:  # else refused by validate()
+            cfg.backbone_kwargs = dict(cfg.backbone_kwargs or {})
         return cfg
 
 

@@ -158,6 +158,10 @@ def build_model(config: ModelConfig) -> MedTuningModel:
         backbone = _create_timm(cfg, VisionTransformer, class_token=False)
         encoder: SliceEncoder = ViTSliceEncoder(backbone)
         dim, patch = encoder.embed_dim, encoder.patch_size
+        if cfg.img_size % patch:  # timm pads or truncates silently; the decoders then misalign (issue 15)
+            fit = max(patch, cfg.img_size // patch * patch)
+            raise MedTuningError("INVALID_OPTION", f"the slice size {cfg.img_size} is not a multiple of the "
+                                 f"backbone's patch size {patch}", f"use a crop of Dx{fit}x{fit}")
         if len(encoder.stage_ends) != 4:
             raise MedTuningError("INVALID_OPTION", "the ViT decoders need at least 4 transformer blocks")
         decoder: nn.Module = {

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from MedTuningLib.errors import MedTuningError
 from MedTuningLib.models.base import EncoderState, InsertedModule, from_volume, to_volume
 from MedTuningLib.models.config import AdapterConfig
 
@@ -183,7 +184,8 @@ class MedAdapter(InsertedModule):
         self.dim = dim
         self.hidden = hidden = int(dim / config.alpha)
         if hidden < 1:
-            raise ValueError(f"adapter bottleneck int({dim} / {config.alpha}) is empty; lower alpha")
+            raise MedTuningError("INVALID_OPTION", f"--alpha {config.alpha:g} leaves the Med-Adapter bottleneck "
+                                 f"int({dim} / {config.alpha:g}) empty", f"use an alpha below {dim} (paper: 6)")
         self.down = nn.Linear(dim, hidden)
         self.up = nn.Linear(hidden, dim)
         self.act = nn.GELU()
