@@ -36,6 +36,7 @@ class CommandContext:
     events: EventStream
     cancel: CancelToken = field(default_factory=CancelToken)
     command: str = ""
+    argv: list = field(default_factory=list)  # the command line as given (what was set explicitly: recipes)
 
 
 class UsageError(Exception):
@@ -183,8 +184,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=_positive_float, default=None, help="time budget; stops cleanly when spent")
     p.add_argument("--lr", type=_learning_rate, default=2e-3, help="learning rate (paper: 2e-3)")
     p.add_argument("--weight-decay", type=_decay, default=1e-5)
-    p.add_argument("--warmup-epochs", type=_non_negative_int, default=None, help="linear warm-up before the cosine schedule")
-    p.add_argument("--loss", choices=("dice", "dice_ce"), default="dice_ce", help="dice (paper) or dice+cross-entropy")
+    p.add_argument("--warmup-epochs", type=_non_negative_int, default=None,
+                   help="warm-up epochs before the decay (default min(5, epochs // 10))")
+    p.add_argument("--loss", choices=("dice_ce", "dice", "dice_fg_batch"), default="dice_ce",
+                   help="dice_ce: Dice + cross-entropy (default); dice: MONAI Dice with background, per sample; "
+                        "dice_fg_batch: the official Med-Tuning loss (foreground classes, batch-global, summed)")
+    # --recipe paper and the options it sets (docs/method.md: each official choice and why the defaults differ).
+    p.add_argument("--recipe", choices=("paper",), default=None,
+                   help="paper: the official Med-Tuning training protocol (128³ crops, 250 epochs, its loss, "
+                        "schedule, augmentation, initialisation, SyncBatchNorm, last epoch); options given "
+                        "explicitly override single points")
+    p.add_argument("--schedule", choices=("cosine", "paper"), default="cosine",
+                   help="cosine: per step, linear warm-up, cosine to 0 (default); paper: the official per-epoch "
+                        "schedule")
+    p.add_argument("--epoch-passes", type=_positive_int, default=2,
+                   help="crops per training case per epoch (default 2; paper 1)")
+    p.add_argument("--crop-sampling", choices=("foreground", "uniform"), default="foreground",
+                   help="foreground: crops centred on foreground 2:1 (default); uniform: any position (paper)")
+    p.add_argument("--intensity-aug", choices=("global", "per_column"), default="global",
+                   help="intensity scale/shift: one draw per crop (default) or per (column, channel) (paper)")
+    p.add_argument("--base-init", choices=("project", "official"), default="project",
+                   help="how base weights are loaded: project (converted, default) or official (the official "
+                        "code's choices: some tensors stay random, Swin decoder from the encoder)")
+    p.add_argument("--select", choices=("best", "last"), default="best",
+                   help="the model kept: best validation epoch (default) or the last epoch (paper)")
+    p.add_argument("--sync-batchnorm", action="store_true",
+                   help="SyncBatchNorm under torchrun on GPUs (paper); CPU runs keep BatchNorm")
+    p.add_argument("--norm-eps", type=_positive_float, default=None,
+                   help="ViT LayerNorm eps (default timm's 1e-6; paper 1e-5)")
+    p.add_argument("--decoder-init", choices=("default", "trunc_normal"), default="default",
+                   help="decoder Linear/LayerNorm initialisation: PyTorch's (default) or truncated normal 0.02 "
+                        "(official Swin-UNet)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast precision (auto: bf16 where the device supports it)")
     p.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
@@ -261,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labelmap", type=Path, default=None, help="also write a labelmap (e.g. .nii.gz)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap (0..1)")
+    p.add_argument("--protocol", choices=("project", "paper"), default="project",
+                   help="paper: the official inference (windows at stride crop/3, uniform averaging, 8-flip TTA, "
+                        "BraTS ET < 500 voxels -> necrosis, fp32); implies --tta, excludes --overlap")
     p.add_argument("--min-component", type=_non_negative_int, default=0,
                    help="remove connected components smaller than this many voxels (0: keep all)")
     p.add_argument("--weights", default=None, help="base-weights file, when not where the model folder recorded")
@@ -278,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an earlier report in --report")
     p.add_argument("--tta", action="store_true")
     p.add_argument("--overlap", type=_overlap, default=0.5)
+    p.add_argument("--protocol", choices=("project", "paper"), default="project",
+                   help="paper: the official evaluation (stride crop/3 windows, uniform averaging, 8-flip TTA, "
+                        "ET < 500 voxels -> necrosis, HD95 of regions absent from both left out, fp32)")
     p.add_argument("--weights", default=None)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--device", choices=DEVICES, default="auto")
@@ -451,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
 
-    ctx = CommandContext(events=events, command=args.command)
+    ctx = CommandContext(events=events, command=args.command, argv=argv)
     ctx.cancel.install_signal_handlers()
     # 'cases' never polls for a cancel (issue 15: SIGINT during 'cases add' was ignored); its writes are
     # staged and atomic, so a signal may stop it wherever it is.

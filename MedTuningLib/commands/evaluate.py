@@ -11,8 +11,11 @@ def run(args, ctx) -> dict:
     from MedTuningLib.engine.device import resolve_device
     from MedTuningLib.engine.evaluate import evaluate_model, markdown_report
 
+    from MedTuningLib.engine.recipe import protocol_options
+
     device = resolve_device(args.device)
     ctx.events.start("evaluate", device=str(device))
+    protocol_options(args, ctx.argv)  # --protocol paper: fp32, no --overlap
     if os.environ.get("MEDTUNING_WORKDIR"):
         ctx.cancel.watch_dir = Path(os.environ["MEDTUNING_WORKDIR"])
     # A failed or cancelled evaluation leaves no report folder it created (nor a half-written report in it).
@@ -28,7 +31,8 @@ def run(args, ctx) -> dict:
     try:
         report = evaluate_model(args.model, args.library, split=args.split, device=args.device, events=ctx.events,
                                 tta=args.tta, overlap=args.overlap, report_dir=args.report, weights=args.weights,
-                                precision=args.precision, cancel=ctx.cancel)
+                                precision=args.precision, cancel=ctx.cancel,
+                                inference=getattr(args, "protocol", "project"))
     except BaseException:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)

@@ -66,9 +66,12 @@ def segment_one(loaded, job: ScanJob, device, dtype, args, ctx) -> dict[str, Any
         if not Path(image).exists():
             raise MedTuningError("FILE_NOT_FOUND", f"input image {image} does not exist", "check the image path")
     fractional = job.dicom_seg is not None and args.seg_type == "fractional"
+    from MedTuningLib.engine.recipe import protocol_for
+
     result = segment_images(loaded, job.images, device, dtype, overlap=args.overlap, tta=args.tta,
                             min_component=args.min_component, log=events.log, on_window=ctx.cancel.check,
-                            series=job.series, keep_probabilities=fractional)
+                            series=job.series, keep_probabilities=fractional,
+                            protocol=protocol_for(args, loaded.crop))
     events.progress("write", 0, 1, scan=job.id)
     source = result.provenance[0] if result.provenance else None
     model_name = Path(loaded.folder).name
@@ -144,9 +147,12 @@ def run(args, ctx) -> dict:
     from MedTuningLib.engine.modelfolder import load_model_folder
     from MedTuningLib.fileio import check_writable_dir
 
+    from MedTuningLib.engine.recipe import protocol_options
+
     events = ctx.events
     device = resolve_device(args.device)
     events.start("segment", device=str(device))
+    protocol_options(args, ctx.argv)  # --protocol paper: fp32, no --overlap
     if getattr(args, "batch_list", None) is not None:
         return run_batch(args, ctx, device)
     job = _single_job(args)

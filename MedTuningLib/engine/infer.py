@@ -41,13 +41,18 @@ def auto_sw_batch_size(device: torch.device) -> int:
 def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Sequence[int], device: torch.device,
                           dtype: torch.dtype | None = None, overlap: float = 0.5, tta: bool = False,
                           sw_batch_size: int | None = None, on_window: Callable[[], None] | None = None,
-                          flip_axes: Sequence[int] = (0, 1, 2)) -> torch.Tensor:
+                          flip_axes: Sequence[int] = (0, 1, 2), mode: str = "gaussian",
+                          flip_softmax: bool = False) -> torch.Tensor:
     """Softmax probabilities ``[K, D, H, W]`` (float32, CPU) for one normalised volume ``[C, D, H, W]``.
 
     The tuned inference path (measured by ``medtuning bench infer``): ``torch.inference_mode``; under
     autocast (``dtype``) every Linear / Conv weight is cast to ``dtype`` once for the whole volume rather than
     by autocast for every window (same results: autocast rounds them the same way), and restored afterwards;
     ``sw_batch_size`` windows per forward (``None``: :func:`auto_sw_batch_size`).
+
+    ``overlap`` may be one value per axis; ``mode`` is MONAI's blending ("gaussian", or "constant": every window
+    weighs the same). ``flip_softmax``: each flip's window-averaged probabilities go through a softmax again
+    before the flips are averaged, as the official code does (``--protocol paper``, engine/recipe.py).
     """
     from monai.inferers import sliding_window_inference
 
@@ -73,9 +78,11 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
             for axes in flips:
                 flipped = torch.flip(inputs, axes) if axes else inputs
                 probs = sliding_window_inference(flipped, roi_size=list(crop), sw_batch_size=sw_batch_size,
-                                                 predictor=window_probs, overlap=overlap, mode="gaussian",
+                                                 predictor=window_probs, overlap=overlap, mode=mode,
                                                  padding_mode=WINDOW_PADDING)
                 probs = torch.flip(probs, axes) if axes else probs
+                if flip_softmax:
+                    probs = torch.softmax(probs, dim=1)
                 total = probs if total is None else total + probs
             result = (total / len(flips))[0].float().cpu()
     finally:
@@ -139,9 +146,10 @@ class SegmentResult:
 def segment_images(loaded, image_paths: Sequence[Path], device: torch.device, dtype: torch.dtype | None,
                    overlap: float = 0.5, tta: bool = False, min_component: int = 0,
                    log: Callable[[str], None] | None = None, on_window: Callable[[], None] | None = None,
-                   series: Sequence[str] = (), keep_probabilities: bool = False) -> SegmentResult:
+                   series: Sequence[str] = (), keep_probabilities: bool = False, protocol=None) -> SegmentResult:
     """Read, normalise and segment one case with a loaded model folder (inputs may be DICOM series
-    folders; ``series`` picks among several)."""
+    folders; ``series`` picks among several). ``protocol`` (an :class:`~MedTuningLib.engine.recipe.InferenceProtocol`,
+    e.g. the paper's) replaces ``overlap`` / ``tta`` and adds its windows, blending and post-processing."""
     import time
 
     from MedTuningLib.data.io import read_case_inputs
@@ -156,10 +164,18 @@ def segment_images(loaded, image_paths: Sequence[Path], device: torch.device, dt
     case = read_case_inputs([Path(p) for p in image_paths], log=log, series=series)
     array, reference = case.array, case.reference
     array = normalize_intensity(array, loaded.preprocessing)
+    window = {} if protocol is None else {"overlap": protocol.overlap, "tta": protocol.tta, "mode": protocol.blend,
+                                          "flip_softmax": protocol.flip_softmax}
     probs = predict_probabilities(loaded.model, torch.from_numpy(np.ascontiguousarray(array)), loaded.crop, device,
-                                  dtype, overlap=overlap, tta=tta, on_window=on_window,
+                                  dtype, **{"overlap": overlap, "tta": tta, **window}, on_window=on_window,
                                   flip_axes=loaded.manifest.get("flip_axes", (0, 1, 2)))
     class_map = probs.argmax(0).numpy().astype(np.uint8)
+    if protocol is not None and protocol.et_min_voxels:
+        from MedTuningLib.engine.recipe import relabel_small_enhancing
+
+        class_map, relabelled = relabel_small_enhancing(loaded.scheme, class_map, protocol.et_min_voxels)
+        if relabelled and log is not None:
+            log(f"paper protocol: enhancing tumour under {protocol.et_min_voxels} voxels relabelled as NCR/NET")
     masks = segment_masks(loaded.scheme, class_map, min_component)
     probabilities = segment_probabilities(loaded.scheme, probs) if keep_probabilities else None
     return SegmentResult(class_map=class_map, masks=masks, reference=reference, seconds=time.monotonic() - t0,

@@ -150,6 +150,7 @@ class ModelConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     backbone_kwargs: dict = field(default_factory=dict)
     decoder_width: int | None = None   # None -> the paper's decoder widths
+    norm_eps: float | None = None      # ViT LayerNorm eps; None -> timm's 1e-6 (official code: 1e-5)
 
     @property
     def family(self) -> str:

@@ -29,6 +29,9 @@ class MedTuningModel(nn.Module):
         self.config = config
         self.encoder = encoder
         self.decoder = decoder
+        # Frozen backbone tensors that the base weights do not give (official initialisation, see
+        # models/weights.py): stored with the tuned weights so that the model folder rebuilds this model.
+        self.random_base_keys: list[str] = []
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +80,9 @@ class MedTuningModel(nn.Module):
         inserted = {prefix for prefix, m in self.named_modules() if isinstance(m, InsertedModule)}
         params = {n for n, _ in self.named_parameters()}
         keys = []
+        random_base = set(self.random_base_keys)
         for key in self.state_dict().keys():
-            if key in trainable:
+            if key in trainable or key in random_base:
                 keys.append(key)
                 continue
             owner = key.rsplit(".", 1)[0]
@@ -156,6 +160,14 @@ def build_model(config: ModelConfig) -> MedTuningModel:
         from timm.models.vision_transformer import VisionTransformer
 
         backbone = _create_timm(cfg, VisionTransformer, class_token=False)
+        if cfg.norm_eps is not None:  # timm's ViT uses 1e-6; the official Med-Tuning ViT nn.LayerNorm's 1e-5
+            if isinstance(cfg.norm_eps, bool) or not isinstance(cfg.norm_eps, (int, float)) \
+                    or not 0 < cfg.norm_eps < 1:
+                raise MedTuningError("INVALID_OPTION", f"norm_eps must be a number between 0 and 1, not "
+                                     f"{cfg.norm_eps!r}", "use e.g. --norm-eps 1e-5 (the official ViT's)")
+            for module in backbone.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = float(cfg.norm_eps)
         encoder: SliceEncoder = ViTSliceEncoder(backbone)
         dim, patch = encoder.embed_dim, encoder.patch_size
         if cfg.img_size % patch:  # timm pads or truncates silently; the decoders then misalign (issue 15)

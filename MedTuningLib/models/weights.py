@@ -10,6 +10,16 @@ to the input channels (and resampled to another patch size); Swin: relative-posi
 to the window in use, blocks beyond the model's stage depths dropped (Swin-T -> lite: stage 3 keeps
 its first two blocks), patch embedding adapted. Only the backbone receives weights; what trains is
 left as the method set it.
+
+``init="official"`` (``--base-init official``, part of ``--recipe paper``) loads instead as the official
+Med-Tuning code does (github jessie-chen99/Med-Tuning-Official @82dea1e): ViT (``_load_weights`` of the
+.npz): everything but the position embedding, which stays random (``randn · 0.02``) and is learned; Swin
+(``load_from``): every tensor whose shape fits, anything else left random (with 4 input channels the
+patch-embedding weight; with window 4 every relative-position table), and the Swin-UNet decoder's Swin
+blocks initialised from the encoder stage of the same width (stage i -> decoder level i, 4.66 M parameters
+for Swin-T). Tensors left random in the frozen backbone cannot be rebuilt from the base weights, so the
+model records them (``random_base_keys``) and they are stored with the tuned weights. docs/method.md
+lists these differences.
 """
 
 from __future__ import annotations
@@ -18,13 +28,14 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from MedTuningLib.errors import MedTuningError
 
 DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
+BASE_INITS = ("project", "official")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".pkl", ".pickle", ".ckpt", ".tar", ".pth.tar")
 
 
@@ -37,6 +48,8 @@ class BaseWeights:
     sha256: str | None
     pretrained: bool
     path: str | None = None
+    init: str = "project"  # "official": loaded as the official Med-Tuning code does (see the module docstring)
+    random: list[str] | None = None  # official init: backbone tensors left random (stored with the model)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -241,10 +254,89 @@ def convert_swin_unetr(sd: dict[str, torch.Tensor], backbone: torch.nn.Module,
 CONVERTERS = {"vit": convert_vit, "swin": convert_swin, "swin_unetr": convert_swin_unetr}
 
 
-def _load_into_backbone(backbone: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> int:
+def convert_vit_official(sd: dict[str, torch.Tensor], backbone: torch.nn.Module,
+                         progress: Callable[[str], None] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """As :func:`convert_vit`, but the position embedding is not loaded (official ``_load_weights``)."""
+    out = convert_vit(sd, backbone, None)
+    out.pop("pos_embed", None)
+    if "pos_embed" in dict(backbone.named_parameters()):
+        with torch.no_grad():  # the official initialisation: torch.randn(1, L, C) * .02
+            backbone.pos_embed.copy_(torch.randn_like(backbone.pos_embed) * 0.02)
+        _say(progress, "official initialisation: position embedding left random (randn * 0.02), to be learned")
+        return out, ["pos_embed"]
+    return out, []
+
+
+def _swin_trimmed(sd: dict[str, torch.Tensor], backbone: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The file's tensors of blocks that exist in ``backbone`` (Swin-T -> lite), without the classifier."""
+    sd = _strip_prefixes(sd, ("module.", "backbone.", "encoder.backbone."))
+    if "layers.0.downsample.reduction.weight" in sd:  # the original (Microsoft) layout: merging ends a stage
+        sd = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k): v
+              for k, v in sd.items()}
+    depths = [len(stage.blocks) for stage in backbone.layers]
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k)
+        if m and (int(m.group(1)) >= len(depths) or int(m.group(2)) >= depths[int(m.group(1))]):
+            continue
+        if not k.startswith("head."):
+            out[k] = v
+    return out
+
+
+def convert_swin_official(sd: dict[str, torch.Tensor], backbone: torch.nn.Module,
+                          progress: Callable[[str], None] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Official ``load_from``: every tensor whose shape fits; the others stay random (nothing is adapted)."""
     own = backbone.state_dict()
-    # Index buffers follow from the model's own window sizes: always the model's, never the file's.
-    sd = {**sd, **{k: v for k, v in own.items() if k.endswith(DERIVED_BUFFERS)}}
+    out, left = {}, []
+    for k, v in _swin_trimmed(sd, backbone).items():
+        if k in own and tuple(v.shape) == tuple(own[k].shape):
+            out[k] = v
+    for k in own:
+        if k not in out and not k.endswith(DERIVED_BUFFERS):
+            left.append(k)
+    if left:
+        _say(progress, f"official initialisation: {len(left)} backbone tensors of another shape left random "
+                       f"(e.g. {', '.join(left[:2])})")
+    return out, left
+
+
+OFFICIAL_CONVERTERS = {"vit": convert_vit_official, "swin": convert_swin_official}
+
+
+def init_swin_decoder_from_encoder(model: torch.nn.Module, sd: dict[str, torch.Tensor],
+                                   progress: Callable[[str], None] | None = None) -> int:
+    """Official Swin-UNet ``load_from``: decoder level i's Swin blocks take encoder stage i's pretrained
+    tensors (official ``layers_up.{3-i}`` <- ``layers.{i}``), where shapes fit; returns the parameters set."""
+    decoder = model.decoder
+    stages = getattr(decoder, "stages", None)
+    if stages is None:
+        return 0
+    source = _swin_trimmed(sd, model.encoder.backbone)
+    top = len(stages)  # decoder.stages[0] is level top-1 (the widest), the last is level 0
+    own = decoder.state_dict()
+    update = {}
+    for k, v in source.items():
+        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)$", k)
+        if not m or int(m.group(1)) >= top or k.endswith(DERIVED_BUFFERS):
+            continue
+        target = f"stages.{top - 1 - int(m.group(1))}.{m.group(2)}.{m.group(3)}"
+        if target in own and tuple(own[target].shape) == tuple(v.shape):
+            update[target] = v
+    with torch.no_grad():
+        decoder.load_state_dict(update, strict=False)
+    count = sum(v.numel() for v in update.values())
+    _say(progress, f"official initialisation: {len(update)} decoder tensors ({count:,} parameters) from the "
+                   "pretrained encoder stages")
+    return count
+
+
+def _load_into_backbone(backbone: torch.nn.Module, sd: dict[str, torch.Tensor], source: str,
+                        keep: Sequence[str] = ()) -> int:
+    own = backbone.state_dict()
+    # Index buffers follow from the model's own window sizes: always the model's, never the file's;
+    # ``keep``: tensors the official initialisation leaves as they are (random).
+    sd = {**sd, **{k: v for k, v in own.items() if k.endswith(DERIVED_BUFFERS) or k in keep}}
     missing = sorted(k for k in own if k not in sd)
     wrong = sorted(k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape))
     if missing or wrong:
@@ -263,13 +355,21 @@ def _load_into_backbone(backbone: torch.nn.Module, sd: dict[str, torch.Tensor], 
 
 
 def load_base_weights(model: torch.nn.Module, weights: str,
-                      progress: Callable[[str], None] | None = None) -> BaseWeights:
+                      progress: Callable[[str], None] | None = None, init: str = "project") -> BaseWeights:
     """Fill ``model``'s backbone from ``weights`` ("hub", a .safetensors path, or "none").
 
-    ``progress`` (optional) receives short human-readable notes on what was converted.
+    ``progress`` (optional) receives short human-readable notes on what was converted. ``init="official"``
+    loads as the official code does (module docstring); the backbone tensors it leaves random are listed in
+    ``model.random_base_keys`` (stored with the tuned weights) and in the returned record.
     """
     cfg = model.config
     family = model.encoder.family
+    if init not in BASE_INITS:
+        raise MedTuningError("INVALID_OPTION", f"unknown base-weight initialisation {init!r}",
+                             f"use one of {', '.join(BASE_INITS)}")
+    if init == "official" and family not in OFFICIAL_CONVERTERS:
+        raise MedTuningError("INVALID_OPTION", f"--base-init official exists for the paper's ViT and Swin models, "
+                             f"not for {cfg.arch}", "use --base-init project with this architecture")
     if weights is None or str(weights).lower() == "none":
         return BaseWeights(id="none", source="none", sha256=None, pretrained=False)
     if cfg.method == "scratch":
@@ -289,7 +389,16 @@ def load_base_weights(model: torch.nn.Module, weights: str,
                                  "check the path, or use --weights hub / --weights none", path=str(path))
         source, ident = "file", path.name
     sd = read_safetensors(path)
-    converted = CONVERTERS[family](sd, model.encoder.backbone, progress)
-    count = _load_into_backbone(model.encoder.backbone, converted, str(path))
-    _say(progress, f"loaded {count} backbone tensors from {path}")
-    return BaseWeights(id=ident, source=source, sha256=sha256_file(path), pretrained=True, path=str(path))
+    left: list[str] = []
+    if init == "official":
+        converted, left = OFFICIAL_CONVERTERS[family](sd, model.encoder.backbone, progress)
+        if family == "swin":
+            init_swin_decoder_from_encoder(model, sd, progress)
+    else:
+        converted = CONVERTERS[family](sd, model.encoder.backbone, progress)
+    count = _load_into_backbone(model.encoder.backbone, converted, str(path), keep=left)
+    # Random tensors of the backbone are not in the base file: the model folder stores them.
+    model.random_base_keys = [f"encoder.backbone.{k}" for k in left]
+    _say(progress, f"loaded {count - len(left)} backbone tensors from {path}")
+    return BaseWeights(id=ident, source=source, sha256=sha256_file(path), pretrained=True, path=str(path),
+                       init=init, random=left or None)

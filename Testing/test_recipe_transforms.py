@@ -1,0 +1,63 @@
+"""Uniform crops and per-(column, channel) intensity augmentation: the official data/BraTS.py
+Random_Crop and Random_intencity_shift, as MONAI dict transforms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from MedTuningLib.data.transforms import RandColumnIntensityd, training_transforms
+
+
+def _coordinates(shape):
+    """A 3-channel image whose channels hold each voxel's (z, y, x): a crop shows where it was taken."""
+    d, h, w = shape
+    z, y, x = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([z, y, x]).astype(np.float32)
+
+
+def test_uniform_crops_reach_every_start_equally():
+    shape, crop = (6, 9, 7), (4, 4, 4)
+    image = _coordinates(shape)
+    label = np.zeros((1, *shape), np.uint8)
+    label[0, 0, 0, 0] = 1  # foreground sampling would be drawn to this corner; uniform sampling is not
+    t = training_transforms(crop, sampling="uniform", flip_prob=0.0, scale=0.0, shift=0.0, seed=3)
+    counts: dict[tuple, int] = {}
+    n = 2400
+    for _ in range(n):
+        out = t({"image": image, "label": label})
+        corner = tuple(int(v) for v in np.asarray(out["image"])[:, 0, 0, 0])
+        assert np.asarray(out["image"]).shape == (3, *crop)
+        counts[corner] = counts.get(corner, 0) + 1
+    # Official: random.randint(0, size - crop) per axis (both ends included), i.e. every start equally likely.
+    starts = [(z, y, x) for z in range(shape[0] - crop[0] + 1) for y in range(shape[1] - crop[1] + 1)
+              for x in range(shape[2] - crop[2] + 1)]
+    assert sorted(counts) == sorted(starts)
+    expected = n / len(starts)
+    chi2 = sum((counts[s] - expected) ** 2 / expected for s in starts)
+    assert chi2 < 130  # 59 degrees of freedom: p ≈ 1e-7 for a uniform draw to exceed this
+
+
+def test_per_column_intensity_draws_one_scale_and_shift_per_channel_and_column():
+    t = RandColumnIntensityd(keys="image", factor=0.1)
+    t.set_random_state(seed=5)
+    ones = {"image": np.ones((2, 3, 4, 5), np.float32)}
+    a = np.asarray(t(ones)["image"])
+    t.set_random_state(seed=5)
+    b = np.asarray(t({"image": 2 * np.ones((2, 3, 4, 5), np.float32)})["image"])
+    scale, shift = b - a, 2 * a - b  # x·s + b at x = 1 and x = 2
+    # Official sizes [1, W, 1, C] over [H, W, D, C] arrays: constant along slices and rows, one per (channel, column).
+    assert np.allclose(scale, scale[:, :1, :1, :]) and np.allclose(shift, shift[:, :1, :1, :])
+    per = scale[:, 0, 0, :]
+    assert len(np.unique(np.round(per, 6))) == per.size  # every (channel, column) its own draw
+    assert (per >= 0.9).all() and (per <= 1.1).all()
+    assert (shift >= -0.1 - 1e-6).all() and (shift <= 0.1 + 1e-6).all()
+
+
+def test_global_intensity_stays_the_project_default():
+    t = training_transforms((2, 4, 4), flip_prob=0.0, seed=1)
+    out = t({"image": np.ones((2, 2, 4, 4), np.float32), "label": np.ones((1, 2, 4, 4), np.uint8)})
+    out = np.asarray((out[0] if isinstance(out, list) else out)["image"])
+    assert np.allclose(out, out.flat[0])  # one scale and one shift for the whole crop
+    with pytest.raises(ValueError):
+        training_transforms((2, 4, 4), sampling="everywhere")
