@@ -254,3 +254,38 @@ def test_job_keeps_its_folder_and_the_slot_while_the_backend_lives(ctx, tmp_path
     stop.write_text("go")
     assert job.wait(timeout=30) and job.ok and job.result == "loaded"
     assert not folder.exists() and not slot.busy
+
+
+def test_segmentation_on_another_grid_is_resampled_onto_the_volume(ctx, tmp_path, cli):
+    """Drawn on a finer grid (e.g. oversampled in Segment Editor): exported on the volume's grid."""
+    from MedTuningLib.mrml import read_segmentation_file
+    from MedTuningLib.mrml.nodes import on_volume_grid
+
+    ct = small_volume(ctx, "CT")
+    fine = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fine grid")
+    image = vtk.vtkImageData()
+    image.SetDimensions(40, 32, 16)
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    fine.SetAndObserveImageData(image)
+    fine.SetSpacing(0.75, 0.625, 1.5)
+    fine.SetOrigin(10.0, -5.0, 2.0)
+    seg = new_segmentation(ctx, fine, "fine labels")
+    sid = seg.GetSegmentation().AddEmptySegment("lesion", "Lesion", [1.0, 0.5, 0.0])
+    other = seg.GetSegmentation().AddEmptySegment("rim", "Rim", [0.0, 0.5, 1.0])
+    fine_mask = box((16, 32, 40), (4, 10), (6, 20), (8, 30))
+    modify_segment(ctx, seg, sid, fine_mask, fine, "add")
+    modify_segment(ctx, seg, other, box((16, 32, 40), (6, 8), (10, 14), (12, 16)), fine, "add")
+    assert on_volume_grid(seg, fine) and not on_volume_grid(seg, ct)
+    (tmp_path / "export").mkdir()
+    params = export_case(ctx, [ct], seg, tmp_path / "export", tmp_path / "library", ["CT"])
+    status, events = cli(params.argv())
+    assert status == 0, events
+    (case,) = read_case_library(tmp_path / "library")
+    stored = read_segmentation_file(ctx, tmp_path / "library" / case.label)
+    assert on_volume_grid(stored, ct)
+    names = {d["name"]: d["id"] for d in describe_segments(stored)}
+    assert set(names) == {"Lesion", "Rim"}
+    expected = fine_mask[::2, ::2, ::2]  # voxel i of the volume is voxel 2i of the fine grid
+    assert np.array_equal(segment_mask(ctx, stored, names["Lesion"], ct), expected)
+    assert segment_mask(ctx, stored, names["Rim"], ct).sum() > 0  # the overlapping segment kept
+    assert ctx.scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 2  # no helper left

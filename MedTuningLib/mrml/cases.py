@@ -113,6 +113,6 @@ def export_case(context: MrmlContext, volumes: Sequence[Any], label: Any, folder
     files = plan_case_export(folder, [v.GetName() for v in volumes], label.GetName(), namer)
     for volume, path in zip(volumes, files.images):
         export_volume(volume, path)
-    export_label(context, label, files.label)
+    export_label(context, label, files.label, volumes[0])  # the label on the first modality's grid
     return CaseAddParams(library=library, images=files.images, label=files.label, modalities=list(modalities),
                          split=split, provenance=provenance, source=f"3D Slicer: {label.GetName()}")

@@ -96,10 +96,20 @@ def labelmap_to_segmentation(context: MrmlContext, labelmap: Any, name: str = ""
     return segmentation
 
 
-def export_label(context: MrmlContext, label: Any, path: PathLike) -> Path:
-    """Write a case's label (segmentation node or labelmap volume node) to ``path`` (``.seg.nrrd``)."""
+def export_label(context: MrmlContext, label: Any, path: PathLike, volume: Any = None) -> Path:
+    """Write a case's label (segmentation node or labelmap volume node) to ``path`` (``.seg.nrrd``).
+
+    With ``volume``, a segmentation that is not on the volume's grid (drawn on another volume,
+    oversampled) is written resampled onto it, so the backend gets image and label on one grid.
+    """
     if is_segmentation(label):
-        return export_segmentation(label, path)
+        if volume is None or on_volume_grid(label, volume):
+            return export_segmentation(label, path)
+        temporary = resampled_to_volume(context, label, volume)
+        try:
+            return export_segmentation(temporary, path)
+        finally:
+            context.scene.RemoveNode(temporary)
     if is_labelmap(label):
         temporary = labelmap_to_segmentation(context, label, f"{label.GetName()} (export)")
         try:
@@ -107,6 +117,75 @@ def export_label(context: MrmlContext, label: Any, path: PathLike) -> Path:
         finally:
             context.scene.RemoveNode(temporary)
     raise MrmlError(f"{label.GetName()} is neither a segmentation nor a labelmap volume")
+
+
+# -- grids ---------------------------------------------------------------------------------------
+
+def _matrix(getter: Any) -> Any:
+    matrix = vtk.vtkMatrix4x4()
+    getter(matrix)
+    return matrix
+
+
+def on_volume_grid(segmentation: Any, volume: Any, tolerance: float = 1e-4) -> bool:
+    """True when every segment's labelmap lies on ``volume``'s voxel grid (a sub-grid counts:
+    same spacing and directions, an integer offset, as Slicer crops segment extents)."""
+    to_ijk = vtk.vtkMatrix4x4()
+    vtk.vtkMatrix4x4.Invert(_matrix(volume.GetIJKToRASMatrix), to_ijk)
+    seg = segmentation.GetSegmentation()
+    for segment_id in segment_ids(segmentation):
+        image = seg.GetSegment(segment_id).GetRepresentation(BINARY_LABELMAP)
+        if image is None or image.IsEmpty():
+            continue
+        relative = vtk.vtkMatrix4x4()
+        vtk.vtkMatrix4x4.Multiply4x4(to_ijk, _matrix(image.GetImageToWorldMatrix), relative)
+        for r in range(3):
+            for c in range(3):
+                if abs(relative.GetElement(r, c) - (1.0 if r == c else 0.0)) > tolerance:
+                    return False
+            offset = relative.GetElement(r, 3)
+            if abs(offset - round(offset)) > 1e-3:
+                return False
+    return True
+
+
+def resampled_to_volume(context: MrmlContext, segmentation: Any, volume: Any) -> Any:
+    """A new (temporary) segmentation node with every segment resampled onto ``volume``'s grid.
+
+    Names, colours and terminology tags are kept; overlapping segments stay overlapping (each is
+    resampled on its own, nearest neighbour). The caller removes the node when done.
+    """
+    reference = slicer.vtkOrientedImageData()
+    reference.SetExtent(volume.GetImageData().GetExtent())
+    reference.SetGeometryFromImageToWorldMatrix(_matrix(volume.GetIJKToRASMatrix))
+    target = context.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{segmentation.GetName()} (resampled)")
+    target.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    source = segmentation.GetSegmentation()
+    for segment_id in segment_ids(segmentation):
+        original = source.GetSegment(segment_id)
+        image = original.GetRepresentation(BINARY_LABELMAP)
+        mask = slicer.vtkOrientedImageData()
+        if image is not None and not image.IsEmpty():
+            single = vtk.vtkImageThreshold()  # a shared layer holds other segments' values too
+            single.SetInputData(image)
+            single.ThresholdBetween(original.GetLabelValue(), original.GetLabelValue())
+            single.SetInValue(1)
+            single.SetOutValue(0)
+            single.SetOutputScalarTypeToUnsignedChar()
+            single.Update()
+            binary = slicer.vtkOrientedImageData()
+            binary.ShallowCopy(single.GetOutput())
+            binary.CopyDirections(image)
+            if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                    binary, reference, mask, False, True):
+                context.scene.RemoveNode(target)
+                raise MrmlError(f"Segment {original.GetName()} could not be resampled onto {volume.GetName()}")
+        copy = slicer.vtkSegment()
+        copy.DeepCopyMetadata(original)  # name, colour, tags (terminology)
+        copy.AddRepresentation(BINARY_LABELMAP, mask)
+        copy.SetLabelValue(1)
+        target.GetSegmentation().AddSegment(copy, segment_id)
+    return target
 
 
 # -- segments ------------------------------------------------------------------------------------
