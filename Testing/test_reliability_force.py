@@ -205,3 +205,44 @@ def test_check_output_folder_accepts_a_demo_output_and_an_empty_folder(tmp_path)
     (tmp_path / "empty").mkdir()
     assert check_output_folder(tmp_path / "empty", "model", force=True) is True
     assert check_output_folder(tmp_path / "new", "model", force=False) is False
+
+
+# ------------------------------------------------------------------------------------------------
+# segment --out / --labelmap
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["input image as labelmap", "library file", "model file", "folder"])
+def test_segment_force_never_replaces_an_input_a_library_file_or_a_folder(target, world, tmp_path, cli):
+    library, model = tmp_path / "library", tmp_path / "model"
+    shutil.copytree(world["library"], library)
+    shutil.copytree(world["model"], model)
+    image = tmp_path / "scan.nrrd"
+    shutil.copyfile(world["image"], image)
+    out, extra = tmp_path / "result.seg.nrrd", []
+    if target == "input image as labelmap":
+        extra, words = ["--labelmap", str(image)], "input image"
+    elif target == "library file":
+        out, words = library / "cases" / "earlier.seg.nrrd", "case library"
+        out.write_bytes(b"NRRD0004 not really")
+    elif target == "model file":
+        out, words = model / "result.seg.nrrd", "model folder"
+        out.write_bytes(b"NRRD0004 not really")
+    else:
+        out, words = tmp_path / "folder.seg.nrrd", "is a folder"
+        out.mkdir()
+        (out / "inside.txt").write_text("mine", encoding="utf-8")
+    before = snapshot(library, model, image, out)
+    assert_refused(cli(["segment", "--model", str(model), "--image", str(image), "--out", str(out), *extra,
+                        "--force", "--device", "cpu"]), "OUTPUT_NOT_REPLACEABLE", words)
+    assert snapshot(library, model, image, out) == before
+
+
+def test_segment_force_replaces_an_earlier_result(world, tmp_path, cli):
+    out = tmp_path / "result.seg.nrrd"
+    args = ["segment", "--model", str(world["model"]), "--image", str(world["image"]), "--out", str(out),
+            "--device", "cpu"]
+    assert_ok(cli(args))
+    out.write_bytes(b"an earlier result")
+    assert_refused(cli(args), "OUTPUT_EXISTS")
+    assert_ok(cli([*args, "--force"]))
+    assert out.read_bytes()[:4] == b"NRRD"

@@ -139,7 +139,19 @@ def _single_job(args) -> ScanJob:
     if args.labelmap is not None and args.labelmap.exists() and not args.force:
         raise MedTuningError("OUTPUT_EXISTS", f"{args.labelmap} already exists", "choose another --labelmap, or --force")
     _check_dicom_input(job)
+    check_replaceable(job, args.force, args.model)
     return job
+
+
+def check_replaceable(job: ScanJob, force: bool, model: Path) -> None:
+    """--force replaces an earlier result only, never a folder, one of this command's inputs, or a file of a
+    case library or model folder (OUTPUT_NOT_REPLACEABLE; issue 15)."""
+    from MedTuningLib.fileio import check_output_file
+
+    inputs = [("input image", Path(p)) for p in job.images] + [("model folder (--model)", Path(model))]
+    for option, path in (("--out", job.out), ("--dicom-seg", job.dicom_seg), ("--labelmap", job.labelmap)):
+        if path is not None:
+            check_output_file(Path(path), force, "result", option, inputs)
 
 
 def run(args, ctx) -> dict:
@@ -224,6 +236,7 @@ def run_batch(args, ctx, device) -> dict:
         try:
             if job.error is not None:
                 raise job.error
+            check_replaceable(job, True, args.model)  # a listed output may be an input or a library file
             if loaded is None:  # loaded once, for the first scan that needs it
                 events.progress("prepare", 0, 1)
                 loaded = load_model_folder(args.model, device, weights=args.weights)
@@ -238,7 +251,8 @@ def run_batch(args, ctx, device) -> dict:
             raise
         except MedTuningError as exc:
             if exc.code in ("MODEL_FOLDER_INVALID", "MODEL_FOLDER_TOO_NEW", "WEIGHTS_NOT_FOUND",
-                            "WEIGHTS_CHECKSUM_MISMATCH", "WEIGHTS_INCOMPATIBLE", "DEVICE_UNAVAILABLE", "UNSAFE_FILE"):
+                            "WEIGHTS_CHECKSUM_MISMATCH", "WEIGHTS_INCOMPATIBLE", "DEVICE_UNAVAILABLE", "UNSAFE_FILE",
+                            "DISK_FULL"):
                 raise  # the model, not the scan: every other scan would fail the same way
             entry.update(status="failed", code=exc.code, message=exc.message, hint=exc.hint)
             events.log(f"scan {job.id} failed [{exc.code}]: {exc.message}", level="warning", scan=job.id,
