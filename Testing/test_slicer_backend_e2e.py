@@ -1,6 +1,7 @@
 """What the Slicer module does, end to end against the real backend process (no Slicer needed):
-export a case under safe names, add it to a library, fine-tune a tiny model, segment, cancel a
-training and resume it. Uses the engine's train / segment / cases commands and slicerio's CT."""
+export a case under safe names, add it to a library, fine-tune a tiny model, segment, kill a
+stubborn training with its children. Uses the engine's train / segment / cases commands and
+slicerio's CT."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from MedTuningLib.slicer_bridge.commands import CaseAddParams, SegmentParams, TrainParams, backend_argv
 from MedTuningLib.slicer_bridge.export import plan_case_export
-from MedTuningLib.slicer_bridge.process import BackendProcess, CommandChain, ExitKind
+from MedTuningLib.slicer_bridge.process import BackendProcess
 from MedTuningLib.slicer_bridge.settings import read_case_library, read_model_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,21 +114,6 @@ def wait_for_training_step(process: BackendProcess, timeout: float = 600) -> dic
     raise AssertionError("no training progress event\n" + failure(process))
 
 
-def test_cancel_leaves_a_resumable_run_and_resume_continues(library, tmp_path):
-    params = TrainParams(library=library, out=tmp_path / "long", epochs=1000, **TINY)
-    process = run(params, grace_s=60)
-    wait_for_training_step(process)
-    process.request_stop()
-    assert process.wait(timeout=120) == 130, failure(process)
-    assert process.exit is ExitKind.CANCELLED and not process.killed and process.state.cancelled
-    assert params.workdir().is_dir() and not params.out.exists()
-    resumed = run(TrainParams(library=library, out=tmp_path / "long", epochs=1000, resume=True, **TINY), grace_s=60)
-    wait_for_training_step(resumed)
-    assert resumed.state.command == "train" and not resumed.state.error_code
-    resumed.request_stop()
-    assert resumed.wait(timeout=120) == 130, failure(resumed)
-
-
 def test_stubborn_training_is_killed_with_its_children(library, tmp_path):
     """A run that does not stop in the grace period is killed as a tree; nothing is left running."""
     import psutil
@@ -142,17 +128,5 @@ def test_stubborn_training_is_killed_with_its_children(library, tmp_path):
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in tree)
 
 
-def test_chain_add_then_train_as_the_fine_tune_button_does(library, tmp_path):
-    import slicerio
-
-    data = Path(slicerio.__file__).parent / "data"
-    lib = tmp_path / "lib"
-    shutil.copytree(library, lib)
-    chain = CommandChain([
-        lambda: make(CaseAddParams(library=lib, images=[data / "CTChest4.nrrd"], label=data / "Segmentation.seg.nrrd",
-                                   modalities=["CT"], split="val", provenance="correction")),
-        lambda: make(TrainParams(library=lib, out=tmp_path / "model", epochs=1, **TINY))])
-    chain.start()
-    assert chain.wait(timeout=1200), failure(chain.last)
-    assert len(read_case_library(lib)) == 2 and (tmp_path / "model" / "medtuning.json").is_file()
-
+# Cancel + resume of a real training: Testing/test_slicer_launcher_cancel.py (through a launcher, as in
+# Slicer). cases add + train as one chain from scene nodes: Testing/test_mrml_e2e.py.
