@@ -44,6 +44,14 @@ def _correction_details(args: Namespace, images: list, label, events) -> dict[st
         raise MedTuningError("INVALID_OPTION", "a correction needs the corrected --label", "give --label FILE")
     details: dict[str, Any] = {}
     if from_model is not None:
+        from MedTuningLib.fileio import read_json
+        from MedTuningLib.schema import ModelManifest
+
+        manifest = Path(from_model) / "medtuning.json"
+        if not manifest.is_file():
+            raise MedTuningError("MODEL_FOLDER_INVALID", f"--from-model {from_model} is not a model folder (no "
+                                 "medtuning.json)", "give the model folder whose result was corrected")
+        ModelManifest.from_dict(read_json(manifest, "MODEL_FOLDER_INVALID", "model description"), str(manifest))
         details["from_model"] = str(Path(from_model).absolute())
     if output is not None:
         if from_model is None:
