@@ -15,8 +15,6 @@ def run(args, ctx) -> dict:
 
         # The recipe fills every option the command line left unset (explicit ones override single points).
         recipe = apply_recipe(args, explicit_dests(build_parser(), ctx.argv) if ctx.argv else set())
-        ctx.events.log("recipe paper: " + ", ".join(f"{k}={v}" for k, v in recipe["settings"].items())
-                       + (f"; given explicitly: {', '.join(recipe['overridden'])}" if recipe["overridden"] else ""))
     opts = TrainOptions.from_args(args)
     apply_train_options(opts, args, recipe)
     return TrainingRun(opts, ctx.events, ctx.cancel).run()

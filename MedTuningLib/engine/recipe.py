@@ -37,6 +37,7 @@ class Choice:
     official: str             # what the official code does (and where)
     project: str              # the project default and why it differs
     applies: Callable[[argparse.Namespace], bool] | None = None  # None: every architecture
+    merge: bool = False       # applied over an explicit value too (the value function keeps what was given)
 
     def value_for(self, args: argparse.Namespace) -> Any:
         return self.value(args) if callable(self.value) else self.value
@@ -101,7 +102,7 @@ PAPER_TRAIN: tuple[Choice, ...] = (
            "PyTorch's default initialisation", applies=_is_swin_unet),
     Choice("backbone_args", "--backbone-args drop_path_rate=0.1", _swin_drop_path,
            "Swin encoder stochastic depth 0.1 (config DROP_PATH_RATE), also in the frozen blocks",
-           "timm's 0 in the frozen encoder", applies=_is_swin_unet),
+           "timm's 0 in the frozen encoder", applies=_is_swin_unet, merge=True),
     Choice("val_every", "--val-every 10", 10, "no validation during training",
            "every epoch (it picks the best epoch); under --select last validation only draws curves"),
 )
@@ -152,13 +153,21 @@ def apply_recipe(args: argparse.Namespace, explicit: set[str], choices: Sequence
     for choice in choices:
         if choice.applies is not None and not choice.applies(args):
             continue
-        if choice.dest in explicit:
+        if choice.dest in explicit and not choice.merge:
             overridden[choice.dest] = _jsonable(getattr(args, choice.dest, None))
             continue
         value = choice.value_for(args)
         setattr(args, choice.dest, value)
         settings[choice.dest] = _jsonable(value)
     return {"name": "paper", "settings": settings, "overridden": overridden}
+
+
+def describe_recipe(record: dict[str, Any]) -> str:
+    """One log line: what the recipe set and what the command line overrode."""
+    text = f"recipe {record.get('name')}: " + ", ".join(f"{k}={v}" for k, v in record.get("settings", {}).items())
+    if record.get("overridden"):
+        text += "; given explicitly: " + ", ".join(f"{k}={v}" for k, v in record["overridden"].items())
+    return text
 
 
 def _jsonable(value: Any) -> Any:
