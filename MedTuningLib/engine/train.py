@@ -36,9 +36,6 @@ from MedTuningLib.fileio import (FileLock, check_output_folder, ensure_writable_
 from MedTuningLib.engine.objectives import learning_rate
 from MedTuningLib.engine.recipe import steps_per_epoch as recipe_steps_per_epoch
 from MedTuningLib.engine.recipe import use_sync_batchnorm
-from MedTuningLib.engine.objectives import learning_rate
-from MedTuningLib.engine.recipe import steps_per_epoch as recipe_steps_per_epoch
-from MedTuningLib.engine.recipe import use_sync_batchnorm
 from MedTuningLib.models.base import compact_frozen_weights
 from MedTuningLib.schema import (FORMAT_VERSION, CaseScores, EvaluationReport, ModelManifest, RoundRecord,
                                  correction_totals, summarise_scores)
@@ -73,19 +70,6 @@ class TrainOptions:
     weight_decay: float = 1e-5
     warmup_epochs: int | None = None
     loss: str = "dice_ce"
-    # The official Med-Tuning choices, one option each (``--recipe paper`` sets them all; engine/recipe.py,
-    # docs/method.md): schedule, epoch size, crop sampling, intensity augmentation, base-weight loading,
-    # model selection, SyncBatchNorm, ViT LayerNorm eps, decoder initialisation.
-    schedule: str = "cosine"
-    epoch_passes: int = 2
-    crop_sampling: str = "foreground"
-    intensity_aug: str = "global"
-    base_init: str = "project"
-    select: str = "best"
-    sync_batchnorm: bool = False
-    norm_eps: float | None = None
-    decoder_init: str = "default"
-    recipe: dict | None = None  # {"name": "paper", "settings": ..., "overridden": ...} under --recipe
     # The official Med-Tuning choices, one option each (``--recipe paper`` sets them all; engine/recipe.py,
     # docs/method.md): schedule, epoch size, crop sampling, intensity augmentation, base-weight loading,
     # model selection, SyncBatchNorm, ViT LayerNorm eps, decoder initialisation.
@@ -879,12 +863,6 @@ class TrainingRun:
             "crop": list(crop),
             "flip_axes": list(flip_axes),
             "parameters": {k: report[k] for k in ("full", "tuned", "inserted", "head") if k in report},
-            "recipe": (opts.recipe or {}).get("name", "none"),
-            "training_choices": {"loss": opts.loss, "schedule": opts.schedule, "epoch_passes": opts.epoch_passes,
-                                 "crop_sampling": opts.crop_sampling, "intensity_aug": opts.intensity_aug,
-                                 "base_init": opts.base_init, "selection": opts.select, "batchnorm": self.batchnorm,
-                                 "norm_eps": opts.norm_eps, "decoder_init": opts.decoder_init,
-                                 "recipe_overridden": (opts.recipe or {}).get("overridden", {})},
             "recipe": (opts.recipe or {}).get("name", "none"),
             "training_choices": {"loss": opts.loss, "schedule": opts.schedule, "epoch_passes": opts.epoch_passes,
                                  "crop_sampling": opts.crop_sampling, "intensity_aug": opts.intensity_aug,
