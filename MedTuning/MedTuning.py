@@ -504,9 +504,8 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label = getattr(self.ui, f"sceneCaseVolumeLabel{i}")
             getattr(self.ui, f"sceneCaseVolumeSelector{i}").setVisible(visible)
             label.setVisible(visible)
-            if visible:  # the first row also holds the label selector and the Add button
-                label.text = (_("{modality} + label:") if i == 1 else _("{modality} volume:")).format(
-                    modality=names[i - 1])
+            if visible:
+                label.text = _("{modality} volume:").format(modality=names[i - 1])
         self.updateButtons()
 
     def refreshCases(self) -> None:
