@@ -17,9 +17,16 @@ from MedTuningLib.paths import default_cases_dir, default_models_dir
 from MedTuningLib.web.access import access_policy, check_port_free
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked package counts as missing
+        return False
+
+
 def run(args, ctx) -> dict:
     policy = access_policy(args.host, args.token)
-    missing = [m for m in ("trame", "trame_slicer", "slicer") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("trame", "trame_slicer", "slicer") if not _installed(m)]
     if missing:
         raise MedTuningError("WEB_UNAVAILABLE", f"the browser app needs {', '.join(missing)}, which is not installed",
                              "install the web extra: pip install 'medtuning[web]' (trame-slicer[standalone]==2.0.0)")

@@ -7,7 +7,9 @@ One scene per server process: every browser tab of one server sees the same scan
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -141,6 +143,10 @@ def serve(config: WebConfig, ready: Callable[[str], None], cancel: Any = None) -
 
     def on_ready(**_: Any) -> None:
         config.bound_port = server.port
+        # SIGINT / SIGTERM stop the server cleanly (the running backend job is stopped in close()).
+        loop = asyncio.get_event_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
         ready(config.url())
 
     server.controller.on_server_ready.add(on_ready)
