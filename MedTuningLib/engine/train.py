@@ -667,8 +667,9 @@ class TrainingRun:
             events.log("left/right segments: no left-right flips in training or test-time augmentation")
         sampler = CropSampler(train_data, crop, scheme.num_classes, flip_axes=flip_axes, sampling=opts.crop_sampling,
                               intensity=opts.intensity_aug)
-        steps_per_epoch = opts.steps_per_epoch or recipe_steps_per_epoch(len(train_data), opts.batch, self.dist.world,
-                                                                         opts.epoch_passes)
+        # Crops per optimiser step: batch x accumulate x processes (one GPU with --accumulate 8 = 8 GPUs x 2).
+        steps_per_epoch = opts.steps_per_epoch or recipe_steps_per_epoch(len(train_data), opts.batch * opts.accumulate,
+                                                                         self.dist.world, opts.epoch_passes)
         loss_fn = make_loss(opts.loss)
 
         # Resume ---------------------------------------------------------------------------------------
