@@ -1,6 +1,6 @@
 """The case library: labelled cases copied into one folder, listed in a ``cases.json`` manifest.
 
-DESIGN.md, "Case library": ``format_version`` and cases (id, image file per modality name in channel
+docs/method.md, "Case library": ``format_version`` and cases (id, image file per modality name in channel
 order, label file, split, provenance: when added, from where — import, scene, correction — and a
 free-text source). Files are copied into ``cases/<id>/``; manifest paths are relative and may not
 leave the library (PATH_ESCAPES_LIBRARY). Adding a case never overwrites another: inputs are checked

@@ -1,7 +1,7 @@
 """The ``medtuning`` command line (also ``python -m MedTuningLib``).
 
 The parser is the contract the Slicer module, the benches and the tests build against
-(DESIGN.md, "Contracts"): add options, never rename these. Each sub-command lives in
+(docs/method.md, "Contracts"): add options, never rename these. Each sub-command lives in
 ``MedTuningLib/commands/<name>.py`` as ``run(args, ctx) -> dict`` (its outputs); this module owns
 the common parts: the ``start`` / ``error`` / ``done`` events, exit statuses, cancel handling.
 """

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Exit statuses (DESIGN.md): 0 done, 2 bad usage or bad input, 3 failure while running, 130 cancelled.
+# Exit statuses (docs/method.md): 0 done, 2 bad usage or bad input, 3 failure while running, 130 cancelled.
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 3

@@ -1,4 +1,4 @@
-"""The event stream every sub-command writes (DESIGN.md, "Contracts").
+"""The event stream every sub-command writes (docs/method.md, "Contracts").
 
 With ``--events jsonl`` each event is one JSON object on one line of stdout and nothing else is
 written to stdout; otherwise events are shown as human-readable lines and a progress bar on stderr.

@@ -497,7 +497,7 @@ class TrainingSummary:
 
 @dataclass
 class ModelManifest:
-    """A model folder's ``medtuning.json`` (DESIGN.md, "Model folder")."""
+    """A model folder's ``medtuning.json`` (docs/method.md, "Model folder")."""
 
     architecture: Dict[str, Any]
     base_weights: Dict[str, Any]

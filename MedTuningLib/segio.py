@@ -1,6 +1,6 @@
 """Writing results: .seg.nrrd exactly as 3D Slicer writes it, and plain labelmaps.
 
-DESIGN.md, "Results": same geometry as the input volume, segment names, colours, label values, layers
+docs/method.md, "Results": same geometry as the input volume, segment names, colours, label values, layers
 for overlapping segments (BraTS ET / TC / WT) and terminology tags in Slicer's format. slicerio builds
 the header (``create_segmentation`` / ``add_segment`` put overlapping masks into layers as Slicer does;
 ``write_segmentation`` writes the fields); every file is written to a temporary name and renamed.

@@ -1,6 +1,6 @@
 """``medtuning bench``: the commands run end to end on tiny configurations and give the JSON shape.
 
-Benchmarks are scripts that print tables, not timed tests (DESIGN.md): nothing here asserts a speed.
+Benchmarks are scripts that print tables, not timed tests (docs/method.md): nothing here asserts a speed.
 The fast Med-Adapter path and the inference weight cast are checked against their literal forms.
 """
 

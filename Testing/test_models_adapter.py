@@ -1,5 +1,5 @@
 """The Med-Adapter on its own: FFT branch equals the official 3D-FFT formulation, ablation switches,
-depth resampling, inter-stage fusion shapes (DESIGN.md "The method")."""
+depth resampling, inter-stage fusion shapes (docs/method.md "The method")."""
 
 from __future__ import annotations
 

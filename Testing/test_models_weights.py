@@ -1,4 +1,4 @@
-"""Base weights from a user's file end up in the backbone, converted (DESIGN.md: class token dropped,
+"""Base weights from a user's file end up in the backbone, converted (docs/method.md: class token dropped,
 position embedding resized, channels adapted, patch size resampled, Swin tables resized, Swin-T
 trimmed to the lite depths); unsafe, missing, incompatible files and an offline hub are refused."""
 

@@ -1,4 +1,4 @@
-"""The paper's parameter table (DESIGN.md) from full-size builds, and ``medtuning params``."""
+"""The paper's parameter table (docs/method.md) from full-size builds, and ``medtuning params``."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_paper_parameter_table(arch, method):
 
 
 def test_exact_head_itemisation():
-    """DESIGN.md itemises the head exactly; the model's counts must be those numbers."""
+    """docs/method.md itemises the head exactly; the model's counts must be those numbers."""
     vit = build_model(ModelConfig(arch="vit_upernet", method="head")).param_report()["modules"]
     assert vit["decoder.psp"]["params"] == 11_209_728
     assert sum(vit[f"decoder.{k}"]["params"] for k in ("lateral", "smooth", "fusion")) == 3_540_480

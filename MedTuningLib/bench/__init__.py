@@ -5,5 +5,5 @@
 - :mod:`MedTuningLib.bench.infer_bench`: seconds per volume, plain fp32 sliding window against the tuned path.
 - :mod:`MedTuningLib.bench.tables`: the Markdown tables.
 
-Benchmarks print tables; they are not timed tests (DESIGN.md "Testing").
+Benchmarks print tables; they are not timed tests (docs/method.md "Testing").
 """

@@ -1,4 +1,4 @@
-"""``medtuning bench train|infer``: benchmark tables (DESIGN.md "Testing": benchmarks print tables).
+"""``medtuning bench train|infer``: benchmark tables (docs/method.md "Testing": benchmarks print tables).
 
 ``train``: the tuning methods side by side, each in a fresh process, (a) under the same settings and
 (b) each at its own defaults; ``infer``: seconds per volume of the plain fp32 sliding window against

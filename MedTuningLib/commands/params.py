@@ -1,4 +1,4 @@
-"""``medtuning params``: parameter counts of an architecture under a tuning method (DESIGN.md).
+"""``medtuning params``: parameter counts of an architecture under a tuning method (docs/method.md).
 
 ``--json`` prints one JSON object ``{"full", "tuned", "inserted", "head", "arch", "method", "modules"}``
 on stdout and nothing else; with ``--events jsonl`` the figures are the ``done`` event's outputs.

@@ -1,6 +1,6 @@
 """Voxel grids: comparing them, placing cropped sub-grids, resampling modalities.
 
-DESIGN.md, "Geometry": image and label must share the grid (size, spacing, origin, direction within
+docs/method.md, "Geometry": image and label must share the grid (size, spacing, origin, direction within
 1e-4 relative); a .seg.nrrd on a sub-grid of the image (same spacing and direction, integer offset —
 how 3D Slicer crops segment extents) is placed into the image grid; modalities on other grids are
 resampled onto the first modality's grid when their physical extents overlap. Anything else is refused
@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from MedTuningLib.errors import MedTuningError
 
-# Relative tolerance for "same grid" (DESIGN.md). Origins are compared in voxel units.
+# Relative tolerance for "same grid" (docs/method.md). Origins are compared in voxel units.
 GRID_TOLERANCE = 1e-4
 # Largest ratio between the coarsest and finest voxel spacing accepted for training / inference.
 MAX_ANISOTROPY = 25.0

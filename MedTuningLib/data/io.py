@@ -1,4 +1,4 @@
-"""Readers for volumes and labels, with the input checks of DESIGN.md ("Geometry") and issue 6.
+"""Readers for volumes and labels, with the input checks of docs/method.md ("Geometry") and issue 6.
 
 Images: NIfTI, NRRD, MHA/MHD and DICOM folders through SimpleITK, always as 3D scalar float32.
 Labels: labelmaps in any SimpleITK format, or 3D Slicer segmentations (.seg.nrrd) through slicerio —

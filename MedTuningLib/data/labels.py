@@ -1,6 +1,6 @@
 """Label schemes: which source label values are trained as which class, what is evaluated, what is written.
 
-DESIGN.md, "Label schemes": a scheme has training classes (disjoint sets of source label values,
+docs/method.md, "Label schemes": a scheme has training classes (disjoint sets of source label values,
 trained with softmax), evaluation regions (unions of classes) and says which of the two are written
 as segments. Presets ship as package data (``MedTuningLib/presets/kits.json``, ``brats.json``); a
 custom scheme comes from the segment names of the user's .seg.nrrd files or from an explicit mapping

@@ -1,4 +1,4 @@
-"""The model folder: ``medtuning.json`` + ``weights.safetensors`` (DESIGN.md, "Contracts").
+"""The model folder: ``medtuning.json`` + ``weights.safetensors`` (docs/method.md, "Contracts").
 
 ``weights.safetensors`` holds only what cannot be rebuilt from the base weights: the tuned
 parameters (adapters, decoder, re-learned position embedding, ...) when the base is a pretrained

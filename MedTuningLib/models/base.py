@@ -1,6 +1,6 @@
 """Small shared pieces: the marker for inserted modules and the token context passed to them.
 
-A tuning method inserts modules into a slice-wise encoder (DESIGN.md "The method"). Every such module
+A tuning method inserts modules into a slice-wise encoder (docs/method.md "The method"). Every such module
 derives from :class:`InsertedModule`, which is how parameter reports tell "inserted" parameters
 from the base model's, wherever the module sits in the tree.
 """
@@ -56,7 +56,7 @@ def from_volume(v: torch.Tensor, like_shape: torch.Size) -> torch.Tensor:
 
 
 # Layers whose weights autocast feeds to matmuls / convolutions in the low-precision dtype anyway: storing
-# them in that dtype gives the same results under autocast, without a cast per call (DESIGN.md, issue 5).
+# them in that dtype gives the same results under autocast, without a cast per call (issue 5).
 _MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d)
 

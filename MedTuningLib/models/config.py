@@ -1,5 +1,5 @@
 """Model settings: :class:`ModelConfig` (architecture, backbone, sizes, tuning method) and
-:class:`AdapterConfig` (the Med-Adapter and its ablation switches, DESIGN.md "The method").
+:class:`AdapterConfig` (the Med-Adapter and its ablation switches, docs/method.md "The method").
 
 Both are plain dataclasses that round-trip through JSON (``to_dict`` / ``from_dict``) so a model
 folder's ``medtuning.json`` can rebuild exactly the model that was trained.
@@ -19,7 +19,7 @@ METHODS = ("scratch", "full", "head", "med_tuning", "vpt_shallow", "vpt_deep", "
            "st_adapter", "pro_tuning")
 
 # Per architecture: backbone family, default timm backbone (the paper's), decoder, default timm kwargs.
-# Swin-UNet uses Swin-T in the "lite" shape: depths 2,2,2,2 (DESIGN.md); its window is set from the
+# Swin-UNet uses Swin-T in the "lite" shape: depths 2,2,2,2 (docs/method.md); its window is set from the
 # slice size in the factory (4 at 128x128, i.e. img_size // 32, as 7 at 224).
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "vit_upernet": {"family": "vit", "backbone": "vit_base_patch16_224.orig_in21k", "decoder": "upernet",

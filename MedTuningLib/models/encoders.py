@@ -1,6 +1,6 @@
 """Slice-wise encoders: a timm 2D backbone run on ``[B*D, C, H, W]`` with insertion points.
 
-A volume ``[B, C, D, H, W]`` is encoded slice by slice by a 2D transformer (DESIGN.md "The method").
+A volume ``[B, C, D, H, W]`` is encoded slice by slice by a 2D transformer (docs/method.md "The method").
 The encoder iterates the backbone's blocks itself so that tuning methods can insert modules at
 fixed points without touching the backbone (its state-dict keys stay timm's, so base weights load
 as they are):
@@ -88,7 +88,7 @@ class ViTSliceEncoder(SliceEncoder):
         self.grid_size = tuple(backbone.patch_embed.grid_size)
 
     def leftover_parameter_names(self) -> list[str]:
-        # The position embedding is re-learned and the final norm trained (DESIGN.md "head" itemisation).
+        # The position embedding is re-learned and the final norm trained (docs/method.md "head" itemisation).
         return ["pos_embed"] + [f"norm.{n}" for n, _ in self.backbone.norm.named_parameters()]
 
     def _run_block(self, index: int, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The Med-Adapter (DESIGN.md "The method", checked against the official code).
+"""The Med-Adapter (docs/method.md "The method", checked against the official code).
 
 On tokens ``X`` of width ``C`` with bottleneck ``h = int(C / alpha)``::
 
@@ -244,7 +244,7 @@ class MedAdapter(InsertedModule):
         shortcut = x
         g = state.grid
         # X' as channels-last tokens [B, D, H', W', h]: the volume [B, h, D, H', W'] is a view of it, and every
-        # branch works on this layout (DESIGN.md formulation, computed without layout copies).
+        # branch works on this layout (docs/method.md formulation, computed without layout copies).
         z = self.act(self.down(x)).reshape(g.batch, g.depth, g.height, g.width, self.hidden)
         m = None
         if self.local3 is not None:

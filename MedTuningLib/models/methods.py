@@ -1,7 +1,7 @@
 """Tuning methods (PEFT-style): a method decides what is inserted into the encoder and what trains.
 
 ``apply_method(model)`` inserts the method's modules at the encoder's insertion points and sets
-``requires_grad`` (DESIGN.md "Other tuning methods compared"):
+``requires_grad`` (docs/method.md "Other tuning methods compared"):
 
 | method | inserted | trained |
 |---|---|---|

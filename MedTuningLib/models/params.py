@@ -1,4 +1,4 @@
-"""Parameter accounting (DESIGN.md: full = the model without inserted modules; tuned = parameters
+"""Parameter accounting (docs/method.md: full = the model without inserted modules; tuned = parameters
 with gradients; inserted = parameters of inserted modules; head = what head tuning trains)."""
 
 from __future__ import annotations

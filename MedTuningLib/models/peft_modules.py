@@ -1,4 +1,4 @@
-"""The modules the other tuning methods insert (DESIGN.md "Other tuning methods compared").
+"""The modules the other tuning methods insert (docs/method.md "Other tuning methods compared").
 
 - :class:`BottleneckAdapter`: Houlsby adapter (reduction 8, after attention and after the MLP) and,
   with a scale, the AdaptFormer branch (bottleneck 64, scale 0.1, parallel to the MLP).

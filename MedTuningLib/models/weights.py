@@ -4,7 +4,7 @@ Sources: ``hub`` (the timm / Hugging Face cache, downloading only where the mach
 a local ``.safetensors`` file holding a timm-format state dict of the backbone (for swin_unetr:
 MONAI's ``swinViT`` weights), or ``none`` (random, recorded as not pretrained). Nothing is unpickled.
 
-Conversion, as timm's ``checkpoint_filter_fn`` does for its own models (DESIGN.md):
+Conversion, as timm's ``checkpoint_filter_fn`` does for its own models (docs/method.md):
 ViT: class token dropped, position embedding resampled to the slice grid, patch embedding adapted
 to the input channels (and resampled to another patch size); Swin: relative-position tables resized
 to the window in use, blocks beyond the model's stage depths dropped (Swin-T -> lite: stage 3 keeps

@@ -1,6 +1,6 @@
 """Training curves: ``curves.csv`` and ``curves.png`` beside a training run, updated every epoch.
 
-The figures are the same as the ``metric`` events of the run (DESIGN.md, event contract):
+The figures are the same as the ``metric`` events of the run (docs/method.md, event contract):
 ``phase`` is ``train`` or ``validate`` and ``name`` is ``loss``, ``lr``, ``dice/<region>`` or
 ``hd95/<region>``. The CSV holds one row per epoch and one column per ``<phase>/<name>``::
 

@@ -5,7 +5,7 @@ lines, a multi-byte letter split in two) and yields complete events. Lines that 
 objects (a stray print from a library) are kept as ``noise`` instead of failing the run.
 :class:`RunState` folds events into what the module displays: phase, progress fraction, ETA, last
 loss, last validation Dice per region, a status line, the error (code, message, hint), outputs, and
-the points of the training curves. Unknown event kinds and fields are ignored (DESIGN.md: the
+the points of the training curves. Unknown event kinds and fields are ignored (docs/method.md: the
 stream can grow).
 """
 

@@ -5,7 +5,7 @@ child it spawned, e.g. data-loader workers or ``torchrun`` ranks). Two reader th
 (events) and stderr (human log) into a queue; :meth:`BackendProcess.poll` — called from a
 ``qt.QTimer`` in Slicer — moves what arrived into a :class:`~.events.RunState` and never waits.
 
-Cancel follows DESIGN.md: :meth:`request_stop` asks (``STOP`` file in the run's working folder and
+Cancel follows docs/method.md: :meth:`request_stop` asks (``STOP`` file in the run's working folder and
 SIGTERM), the backend saves a resumable state and exits 130; :meth:`poll` escalates to
 :meth:`kill_tree` when the backend is still alive ``grace_s`` seconds after the request.
 
@@ -86,7 +86,7 @@ class ExitKind(str, enum.Enum):
 
 
 def exit_kind(returncode: int, stop_requested: bool = False) -> ExitKind:
-    """The meaning of an exit status (DESIGN.md: 0 ok, 2 bad input, 3 failure, 130 cancelled)."""
+    """The meaning of an exit status (docs/method.md: 0 ok, 2 bad input, 3 failure, 130 cancelled)."""
     if returncode == 0:
         return ExitKind.OK
     if returncode == 2:

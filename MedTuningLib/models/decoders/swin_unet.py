@@ -1,4 +1,4 @@
-"""The Swin-UNet decoder (Cao et al.; DESIGN.md "Swin-UNet", as the official code).
+"""The Swin-UNet decoder (Cao et al.; docs/method.md "Swin-UNet", as the official code).
 
 Patch expanding (linear C -> 2C without bias, pixel shuffle x2, LayerNorm C/2) from the bottleneck;
 then per level: concat with the encoder skip, a linear 2C -> C, two Swin blocks, patch expanding

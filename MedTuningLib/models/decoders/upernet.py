@@ -1,4 +1,4 @@
-"""UPerNet on the four ViT stage features (DESIGN.md "ViT+UPerNet", as the official code).
+"""UPerNet on the four ViT stage features (docs/method.md "ViT+UPerNet", as the official code).
 
 All four ViT features sit on the same H/16 grid. The block-2 feature first goes through a 1x1 conv
 C -> 256 with BatchNorm and GELU; PSP (bins 1, 2, 4, 6; C/4 channels each; 3x3 bottleneck back to C)
