@@ -133,9 +133,100 @@ def write_dicom_seg(path: Path, masks: Mapping[str, np.ndarray], source, scheme=
                              "write the result as .seg.nrrd (without --dicom-seg), or re-export the series "
                              "with its full DICOM header from the PACS", series=source.info.uid) from exc
     seg.SeriesDescription = f"MedTuning {model_name}"[:64] if model_name else "MedTuning segmentation"
+    if not all(text.isascii() for text in [model_name, *names, *parameters.values()]):
+        # Text the source's character set may not hold (a model "modèle", segment names in any script):
+        # UTF-8 for the whole SEG; values copied from the source were decoded and are re-encoded.
+        seg.SpecificCharacterSet = "ISO_IR 192"
     with atomic_path(Path(path), "DICOM SEG") as tmp:
         seg.save_as(str(tmp))
     return {"dicom_seg": str(path), "series_instance_uid": str(seg.SeriesInstanceUID),
             "sop_instance_uid": str(seg.SOPInstanceUID), "segmentation_type": seg_type,
             "referenced_series_instance_uid": source.info.uid,
             "segments": {n: i for i, n in enumerate(names, start=1)}}
+
+
+def is_dicom_seg(path: Path) -> bool:
+    """A DICOM file whose Modality is SEG."""
+    from MedTuningLib.data.dicom import is_dicom_file
+
+    path = Path(path)
+    if not path.is_file() or not is_dicom_file(path):
+        return False
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["Modality"]).get(
+            "Modality", "")) == "SEG"
+    except Exception:
+        return False
+
+
+def _triple(item) -> list[str]:
+    return [str(item.CodingSchemeDesignator), str(item.CodeValue), str(item.CodeMeaning)]
+
+
+def seg_to_seg_nrrd(path: Path, source, out: Path, log=None) -> Path:
+    """A DICOM SEG drawn on ``source`` (a :class:`~MedTuningLib.data.dicom.DicomSeries`) as a .seg.nrrd
+    on the series' grid, with the SEG's segment labels, colours and codes (for ``cases add --label``:
+    a correction made in a PACS viewer). The SEG's frames are placed by the source instances they
+    reference; a SEG of another series is LABEL_GRID_MISMATCH."""
+    import highdicom as hd
+    import SimpleITK as sitk
+
+    from MedTuningLib.data.labels import SegmentDef
+    from MedTuningLib.segio import write_segmentation
+
+    try:
+        seg = hd.seg.segread(str(path))
+    except Exception as exc:
+        raise MedTuningError("FILE_UNREADABLE", f"the DICOM SEG {path} cannot be read ({str(exc)[:200]})",
+                             "export the segmentation again as DICOM SEG", path=str(path)) from exc
+    referenced = [str(r.SeriesInstanceUID) for r in seg.get("ReferencedSeriesSequence", [])]
+    if source.info.uid not in referenced:
+        raise MedTuningError("LABEL_GRID_MISMATCH", f"the DICOM SEG {Path(path).name} was drawn on the series "
+                             f"{', '.join(referenced) or '(none named)'}, not on the image's series {source.info.uid}",
+                             "give the SEG made on this series, or the series it was made on as --image",
+                             path=str(path))
+    numbers = list(seg.get_segment_numbers())
+    try:
+        pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=source.sop_instance_uids,
+                                                   segment_numbers=numbers, combine_segments=False,
+                                                   dtype=np.float32)
+    except (ValueError, KeyError) as exc:
+        raise MedTuningError("LABEL_GRID_MISMATCH", f"the DICOM SEG {Path(path).name} does not fit the slices of "
+                             f"series {source.info.uid} ({str(exc)[:200]})",
+                             "give the SEG made on this series", path=str(path)) from exc
+    if str(seg.SegmentationType) == "FRACTIONAL" and log is not None:
+        log(f"{Path(path).name} is a fractional SEG: voxels of probability >= 0.5 are taken as the segment")
+    masks, segments = {}, []
+    for index, number in enumerate(numbers):
+        desc = seg.get_segment_description(number)
+        name = str(desc.segment_label) or f"Segment {number}"
+        terminology: dict[str, Any] = {"category": _triple(desc.SegmentedPropertyCategoryCodeSequence[0]),
+                                       "type": _triple(desc.SegmentedPropertyTypeCodeSequence[0])}
+        modifier = desc.SegmentedPropertyTypeCodeSequence[0].get("SegmentedPropertyTypeModifierCodeSequence")
+        if modifier:
+            terminology["typeModifier"] = _triple(modifier[0])
+        if desc.get("AnatomicRegionSequence"):
+            terminology["anatomicRegion"] = _triple(desc.AnatomicRegionSequence[0])
+        color = (0.5, 0.5, 0.5)
+        if "RecommendedDisplayCIELabValue" in desc:
+            rgb = hd.color.CIELabColor.from_dicom_value(desc.RecommendedDisplayCIELabValue).to_rgb()
+            color = tuple(round(float(v) / 255.0, 6) for v in rgb)
+        masks[name] = pixels[..., index] >= 0.5
+        segments.append(SegmentDef(name, color, terminology))  # type: ignore[arg-type]
+    reference = sitk.Image(int(source.headers[0].Columns), int(source.headers[0].Rows), len(source.headers),
+                           sitk.sitkUInt8)  # the series' grid; its voxels are not needed
+    reference.SetOrigin(source.origin)
+    reference.SetSpacing(source.spacing)
+    reference.SetDirection(source.direction)
+
+    class _Scheme:  # the names, colours and codes of the SEG's own segments
+        pass
+
+    scheme = _Scheme()
+    scheme.segments = segments  # type: ignore[attr-defined]
+    write_segmentation(Path(out), masks, reference, scheme,
+                       header={"MedTuning_SourceDicomSeg": str(seg.SOPInstanceUID),
+                               "MedTuning_SourceSeriesInstanceUID": source.info.uid})
+    return Path(out)

@@ -198,3 +198,75 @@ def test_dicom_seg_needs_a_dicom_input(run, cli, tmp_path):
                           "--out", str(tmp_path / "r.dcm")])
     assert status == 2 and events[-1]["code"] == "INVALID_OPTION" and "DICOM series" in events[-1]["message"]
     assert not (tmp_path / "r.dcm").exists()
+
+
+def test_a_dicom_seg_is_accepted_as_the_label_of_its_series(run, cli, tmp_path):
+    """A correction saved as DICOM SEG (e.g. by a PACS viewer) goes into the library as a .seg.nrrd."""
+    root = run["root"]
+    status, events = cli(["cases", "add", "--library", str(tmp_path / "lib"), "--image", str(root / "study" / "CT"),
+                          "--label", str(root / "result.dcm"), "--modality", "CT", "--id", "corrected"])
+    assert status == 0, events[-2:]
+    case = json.loads((tmp_path / "lib" / "cases.json").read_text(encoding="utf-8"))["cases"][0]
+    assert case["label"].endswith(".seg.nrrd") and str(root / "result.dcm") in case["provenance"]["source"]
+    stored = slicerio.read_segmentation(str(tmp_path / "lib" / case["label"]))
+    original = slicerio.read_segmentation(str(root / "result.seg.nrrd"))
+    assert [s["name"] for s in stored["segments"]] == SEGMENTS
+    for a, b in zip(stored["segments"], original["segments"]):
+        np.testing.assert_array_equal(slicerio.segment_mask(stored, a), slicerio.segment_mask(original, b))
+        assert a["terminology"]["type"] == b["terminology"]["type"]
+        np.testing.assert_allclose(a["color"], b["color"], atol=2 / 255)
+    np.testing.assert_allclose(stored["ijkToLPS"], original["ijkToLPS"], atol=1e-4)
+
+    # A SEG needs the series it was drawn on.
+    image = tmp_path / "chest.nrrd"
+    sitk.WriteImage(run["chest"], str(image))
+    status, events = cli(["cases", "add", "--library", str(tmp_path / "lib"), "--image", str(image),
+                          "--label", str(root / "result.dcm"), "--modality", "CT"])
+    assert status == 2 and events[-1]["code"] == "INVALID_OPTION" and "DICOM SEG" in events[-1]["message"]
+    other = write_series(run["chest"], tmp_path / "other")
+    status, events = cli(["cases", "add", "--library", str(tmp_path / "lib"), "--image", str(tmp_path / "other"),
+                          "--label", str(root / "result.dcm"), "--modality", "CT"])
+    assert status == 2 and events[-1]["code"] == "LABEL_GRID_MISMATCH" and other["series_uid"] in events[-1]["message"]
+    assert len(json.loads((tmp_path / "lib" / "cases.json").read_text(encoding="utf-8"))["cases"]) == 1
+
+
+def test_segment_refuses_a_folder_of_several_series_and_series_picks(run, cli, tmp_path):
+    root = run["root"]
+    folder = tmp_path / "study"
+    shutil.copytree(root / "study" / "CT", folder)
+    scout = sitk.Resample(run["chest"], [128, 128, 3], sitk.Transform(), sitk.sitkNearestNeighbor,
+                          run["chest"].GetOrigin(), (3.046875954, 3.046875954, 100.0), run["chest"].GetDirection())
+    second = write_series(scout, folder, study_uid=run["written"]["study_uid"], description="thick", prefix="T")
+    out = tmp_path / "r.dcm"
+    status, events = cli(["segment", "--model", str(root / "model"), "--image", str(folder), "--out", str(out)])
+    assert status == 2 and events[-1]["code"] == "DICOM_MULTIPLE_SERIES" and not out.exists()
+    assert {s["series_instance_uid"] for s in events[-1]["series"]} == {run["written"]["series_uid"],
+                                                                       second["series_uid"]}
+    status, events = cli(["segment", "--model", str(root / "model"), "--image", str(folder), "--out", str(out),
+                          "--series", run["written"]["series_uid"], "--device", "cpu", "--overlap", "0.25"])
+    assert status == 0, events[-2:]
+    import highdicom as hd
+
+    assert hd.seg.segread(str(out)).ReferencedSeriesSequence[0].SeriesInstanceUID == run["written"]["series_uid"]
+
+
+def test_names_beyond_ascii_reach_the_seg_and_the_nrrd_header(run, cli, tmp_path):
+    import highdicom as hd
+    import nrrd as pynrrd
+
+    root = run["root"]
+    model = tmp_path / "modèle poumons 中文"
+    shutil.copytree(root / "model", model)
+    status, events = cli(["segment", "--model", str(model), "--image", str(root / "study" / "CT"),
+                          "--out", str(tmp_path / "r.seg.nrrd"), "--dicom-seg", str(tmp_path / "r.dcm"),
+                          "--device", "cpu", "--overlap", "0.25"])
+    assert status == 0, events[-2:]
+    seg = hd.seg.segread(str(tmp_path / "r.dcm"))
+    assert seg.ManufacturerModelName == model.name and model.name in seg.SeriesDescription
+    assert f"model={model.name}" in seg.get_segment_description(1).algorithm_identification[0].AlgorithmParameters
+    from urllib.parse import unquote
+
+    assert unquote(pynrrd.read_header(str(tmp_path / "r.seg.nrrd"))["MedTuning_Model"]) == model.name
+    status, events = cli(["segment", "--model", str(model), "--image", str(tmp_path / "missing"),
+                          "--out", str(tmp_path / "m.dcm")])
+    assert status == 2 and events[-1]["code"] == "FILE_NOT_FOUND"

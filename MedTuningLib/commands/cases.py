@@ -94,6 +94,7 @@ def run(args: Namespace, ctx) -> dict[str, Any]:
         images, label, source = list(args.image), args.label, args.source
         details = None
         with tempfile.TemporaryDirectory(prefix="medtuning-slab-") as scratch:
+            read: list = [None] * len(images)
             if any(Path(p).is_dir() for p in images) or getattr(args, "series", None):
                 # DICOM folders: one checked series each (--series picks), stored as NRRD; the series read
                 # goes into the case's provenance.
@@ -101,9 +102,20 @@ def run(args: Namespace, ctx) -> dict[str, Any]:
 
                 images, read = series_to_files(images, args.series or (), Path(scratch),
                                                log=lambda message: events.log(message))
-                details = {"dicom": read}
+                details = {"dicom": [r.provenance() if r is not None else None for r in read]}
                 if source is None:  # where the case came from: the DICOM folders, not the scratch copies
                     source = ", ".join(str(p) for p in [*args.image, label])
+            from MedTuningLib.dicomseg import is_dicom_seg, seg_to_seg_nrrd
+
+            if label is not None and is_dicom_seg(Path(label)):  # e.g. a correction saved by a PACS viewer
+                if read[0] is None:
+                    from MedTuningLib.errors import MedTuningError
+
+                    raise MedTuningError("INVALID_OPTION", f"the label {label} is a DICOM SEG: it needs the DICOM "
+                                         "series it was drawn on as the first --image",
+                                         "give the series folder as --image")
+                label = seg_to_seg_nrrd(Path(label), read[0], Path(scratch) / "label.seg.nrrd",
+                                        log=lambda message: events.log(message))
             if getattr(args, "slices", None):
                 from MedTuningLib.data.slab import write_slab
 

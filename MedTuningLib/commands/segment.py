@@ -51,8 +51,16 @@ def _provenance_header(source: dict[str, Any] | None, model_name: str) -> dict[s
                            ("SourceModality", "modality"), ("SourceSeriesDescription", "description"),
                            ("SourceSlices", "slices")):
             if source.get(field) not in (None, ""):
-                header[f"MedTuning_{key}"] = str(source[field]).replace("\n", " ")
-    return header
+                header[f"MedTuning_{key}"] = str(source[field])
+    return {k: _nrrd_text(v) for k, v in header.items()}
+
+
+def _nrrd_text(value: str) -> str:
+    """NRRD headers are ASCII lines: other characters (a model folder "modèle", a series description in
+    any script) are written percent-encoded as UTF-8, as in URLs."""
+    from urllib.parse import quote
+
+    return "".join(c if 32 <= ord(c) < 127 and c != "%" else quote(c, safe="") for c in value)
 
 
 def segment_one(loaded, job: ScanJob, device, dtype, args, ctx) -> dict[str, Any]:
@@ -117,6 +125,9 @@ def _single_job(args) -> ScanJob:
     if args.out is None and args.dicom_seg is None:
         raise MedTuningError("USAGE", "segment needs --out RESULT.seg.nrrd (or RESULT.dcm, or --dicom-seg FILE)",
                              "run 'medtuning segment --help' for the options")
+    for image in args.image:
+        if not Path(image).exists():
+            raise MedTuningError("FILE_NOT_FOUND", f"input image {image} does not exist", "check the --image path")
     job = ScanJob(id=Path(args.image[0]).name, images=list(args.image), labelmap=args.labelmap,
                   series=list(args.series or []))
     if args.out is not None:
@@ -168,9 +179,6 @@ def run(args, ctx) -> dict:
     if getattr(args, "batch_list", None) is not None:
         return run_batch(args, ctx, device)
     job = _single_job(args)
-    for image in job.images:
-        if not Path(image).exists():
-            raise MedTuningError("FILE_NOT_FOUND", f"input image {image} does not exist", "check the --image path")
     # Checked now, created only when the result is written: a refusal or failure leaves no empty folders.
     for path in job.outputs:
         check_writable_dir(Path(path).parent.absolute(), "output")

@@ -366,15 +366,15 @@ def series_table(folder: Path) -> list[dict[str, Any]]:
 
 
 def series_to_files(paths: Sequence[Path], series: Sequence[str], folder: Path, log: Log | None = None
-                    ) -> tuple[list[Path], list[dict[str, Any] | None]]:
+                    ) -> tuple[list[Path], list[DicomSeries | None]]:
     """DICOM folders among ``paths`` read (checked) and written as NRRD files into ``folder``; other paths
-    stay as they are. Returns the paths to use and, per input, the provenance of its series (or None).
+    stay as they are. Returns the paths to use and, per input, the series read (or None).
     Used by ``cases add``, which stores volumes, not DICOM folders."""
     import SimpleITK as sitk
 
     picked = pick_series([Path(p) for p in paths], series, log)
     out: list[Path] = []
-    provenance: list[dict[str, Any] | None] = []
+    provenance: list[DicomSeries | None] = []
     for path, info in zip(paths, picked):
         if info is None:
             out.append(Path(path))
@@ -388,5 +388,5 @@ def series_to_files(paths: Sequence[Path], series: Sequence[str], folder: Path, 
             target = Path(folder) / f"{name}-{n}.nrrd"
         sitk.WriteImage(image, str(target), useCompression=True)
         out.append(target)
-        provenance.append(read.provenance())
+        provenance.append(read)
     return out, provenance
