@@ -179,3 +179,24 @@ def test_slices_written_in_shuffled_order_are_read_in_position_order(tmp_path, c
         path.rename(tmp_path / "CT" / f"x{(7919 * i) % 34:02d}-{i}.dcm")
     case = read_case_inputs([tmp_path / "CT"])
     np.testing.assert_array_equal(case.array[0], sitk.GetArrayFromImage(chest).astype(np.float32))
+
+
+def test_two_modalities_from_one_folder_are_paired_with_series_in_order(tmp_path, chest):
+    from MedTuningLib.data.io import read_case_inputs
+    from MedTuningLib.errors import MedTuningError
+
+    first = write_series(chest, tmp_path / "study", description="T1", prefix="A")
+    inverted = sitk.Cast(3000 - chest, sitk.sitkInt32)  # another contrast on the same grid
+    second = write_series(inverted, tmp_path / "study", study_uid=first["study_uid"], frame_uid=first["frame_uid"],
+                          description="FLAIR", series_number=3, prefix="B")
+    folder = tmp_path / "study"
+    case = read_case_inputs([folder, folder], series=[second["series_uid"], first["series_uid"]])
+    assert [d.info.description for d in case.dicom] == ["FLAIR", "T1"]
+    np.testing.assert_array_equal(case.array[0], sitk.GetArrayFromImage(inverted).astype(np.float32))
+    np.testing.assert_array_equal(case.array[1], sitk.GetArrayFromImage(chest).astype(np.float32))
+    with pytest.raises(MedTuningError) as info:  # two images, one --series: which one is which is not said
+        read_case_inputs([folder, folder], series=[first["series_uid"]])
+    assert info.value.code == "DICOM_MULTIPLE_SERIES"
+    with pytest.raises(MedTuningError) as info:
+        read_case_inputs([folder, folder], series=[first["series_uid"], "9.9.9"])
+    assert info.value.code == "DICOM_SERIES_NOT_FOUND" and "--series number 2" in info.value.message

@@ -335,13 +335,17 @@ def pick_series(paths: Sequence[Path], series: Sequence[str] = (), log: Log | No
     paired = bool(series) and len(series) == len(paths)
     picked: list[SeriesInfo | None] = []
     found: list[SeriesInfo] = []
+    scan_cache: dict[Path, list[SeriesInfo]] = {}
     for index, path in enumerate(paths):
         path = Path(path)
         if not path.is_dir():
             picked.append(None)
             continue
-        infos = scan_folder(path)
-        found.extend(s for s in infos if s.is_image)
+        key = path.resolve()
+        if key not in scan_cache:  # two modalities from one folder: scanned once
+            scan_cache[key] = scan_folder(path)
+            found.extend(s for s in scan_cache[key] if s.is_image)
+        infos = scan_cache[key]
         wanted = [series[index]] if paired else series
         if paired and not any(s.uid == series[index] for s in infos):
             raise MedTuningError("DICOM_SERIES_NOT_FOUND", f"the folder {path} has no series {series[index]} "
@@ -349,6 +353,15 @@ def pick_series(paths: Sequence[Path], series: Sequence[str] = (), log: Log | No
                                  "copy the SeriesInstanceUID from this list", path=str(path),
                                  series=[s.summary() for s in infos if s.is_image])
         picked.append(select_series(path, infos, wanted, log))
+    if not paired:  # one folder of several series standing for several images: which is which is not said
+        multi = [Path(p).resolve() for p, info in zip(paths, picked) if info is not None
+                 and sum(1 for s in scan_cache.get(Path(p).resolve(), []) if s.is_image) > 1]
+        repeated = sorted({str(f) for f in multi if multi.count(f) > 1})
+        if repeated:
+            raise MedTuningError("DICOM_MULTIPLE_SERIES", f"the folder {repeated[0]} holds several series and is "
+                                 "given for several images, but not which series is which image",
+                                 "give one --series per --image, in the same order as the --image options",
+                                 path=repeated[0])
     used = {p.uid for p in picked if p is not None}
     unused = [s for s in series if s not in used]
     if unused:
