@@ -109,3 +109,28 @@ def test_full_swin_t_decoder_gets_4_66_million_parameters_from_the_encoder():
     src = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
     model = build_model(ModelConfig(arch="swin_unet", in_channels=4, num_classes=4, img_size=128, depth=2))
     assert init_swin_decoder_from_encoder(model, src.state_dict()) == 4_662_336
+
+
+def test_norm_eps_and_trunc_normal_decoder_init():
+    from MedTuningLib.engine.recipe import init_decoder_trunc_normal
+
+    kwargs = dict(arch="vit_upernet", in_channels=1, num_classes=2, img_size=32, depth=4, decoder_width=16,
+                  backbone_kwargs={"depth": 4, "embed_dim": 48, "num_heads": 3, "patch_size": 16})
+    default = build_model(ModelConfig(**kwargs))
+    official = build_model(ModelConfig(**kwargs, norm_eps=1e-5))
+    norms = lambda m: [n.eps for n in m.encoder.backbone.modules() if isinstance(n, torch.nn.LayerNorm)]  # noqa: E731
+    assert set(norms(default)) == {1e-6} and set(norms(official)) == {1e-5}
+    assert len(norms(official)) == 2 * 4 + 1  # two per block and the final norm
+    assert ModelConfig.from_dict(official.config.to_dict()).norm_eps == 1e-5  # rebuilt from medtuning.json
+
+    torch.manual_seed(0)
+    swin = build_model(ModelConfig(arch="swin_unet", in_channels=4, num_classes=4, img_size=128, depth=2))
+    assert init_decoder_trunc_normal(swin) > 0
+    weights = torch.cat([m.weight.detach().flatten() for m in swin.decoder.modules() if isinstance(m, torch.nn.Linear)])
+    # As timm's trunc_normal_ in the official code: std 0.02, cut at ±2 (absolute, so hardly ever).
+    assert float(weights.std()) == pytest.approx(0.02, rel=0.05) and float(weights.abs().max()) <= 2.0
+    for m in swin.decoder.modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            assert not m.bias.detach().any()
+        if isinstance(m, torch.nn.LayerNorm):
+            assert bool((m.weight == 1).all()) and not m.bias.detach().any()

@@ -81,3 +81,4 @@ def test_recipe_paper_under_torchrun_two_cpu_processes(tmp_path, cli):
     assert manifest["training_choices"]["batchnorm"] == "BatchNorm (SyncBatchNorm unavailable on CPU)"
     assert manifest["training_choices"]["selection"] == "last"
     assert manifest["training"]["world_size"] == 2 and manifest["training"]["epochs"] == 2
+    assert manifest["architecture"]["norm_eps"] == 1e-5  # the official ViT LayerNorm eps

@@ -84,3 +84,29 @@ def test_segment_and_evaluate_with_the_paper_protocol(recipe_model, cli):
     status, events = cli(["evaluate", "--model", str(out), "--library", str(library), "--protocol", "paper",
                           "--overlap", "0.5", "--device", "cpu"])
     assert status == 2 and events[-1]["code"] == "INVALID_OPTION"
+
+
+def test_select_last_keeps_the_last_epoch(tmp_path, cli):
+    """--select last: the model of the last epoch, whatever validation says (the official choice)."""
+    from engine_helpers import TINY_TRAIN, make_blob_library
+
+    library = make_blob_library(cli, tmp_path, n_train=2, n_test=0)
+    # In the warm-up of the paper schedule the lr of an epoch does not depend on the number of epochs, so a
+    # one-epoch run is the first epoch of a two-epoch run.
+    common = ["--library", str(library), "--labels", "Blob=1", *TINY_TRAIN, "--steps-per-epoch", "2",
+              "--schedule", "paper", "--warmup-epochs", "25", "--lr", "0.02"]
+    runs = {}
+    for name, extra in (("last2", ["--epochs", "2", "--select", "last"]), ("last1", ["--epochs", "1", "--select", "last"]),
+                        ("best2", ["--epochs", "2", "--select", "best"])):
+        status, events = cli(["train", "--out", str(tmp_path / name), *common, *extra])
+        assert status == 0, events[-1]
+        manifest = json.loads((tmp_path / name / "medtuning.json").read_text(encoding="utf-8"))
+        runs[name] = (load_file(str(tmp_path / name / "weights.safetensors")), manifest)
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert runs["last2"][1]["training_choices"]["selection"] == "last"
+    assert not same(runs["last2"][0], runs["last1"][0])  # the last epoch's model, not the first's
+    best_epoch = runs["best2"][1]["training"]["best_epoch"]
+    assert same(runs["best2"][0], runs["last2"][0] if best_epoch == 2 else runs["last1"][0])
