@@ -92,8 +92,7 @@ def test_segment_correct_add_retune_segment_again(loop):
     first_name = result.GetSegmentation().GetSegment(first).GetName()
     assert np.array_equal(segment_mask(ctx, stored, by_name[first_name], ct), corrected)  # exactly the corrected voxels
 
-    retuned = read_model_info(finished(logic.start_retune(model, epochs=1, device="cpu", crop=TINY["crop"],
-                                                          batch=1, steps_per_epoch=2), 1500))
-    assert retuned.usable and retuned.name == f"{model.name}-retuned"
+    retuned = read_model_info(finished(logic.start_retune(model, epochs=1, device="cpu", steps_per_epoch=2), 1500))
+    assert retuned.usable and retuned.name == f"{model.name}-round1" and retuned.modalities == ["CT"]
     again = finished(logic.start_segmentation(retuned, [ct], device="cpu"), 900)
     assert again is not result and again.GetSegmentation().GetNumberOfSegments() == len(model.segments)

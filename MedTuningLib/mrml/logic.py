@@ -8,7 +8,8 @@
 - :meth:`~MedTuningMrmlLogic.start_add_cases` copies scene cases into the case library
   (``provenance`` ``scene`` or ``correction``);
 - :meth:`~MedTuningMrmlLogic.start_fine_tune` adds scene cases, then trains a new model folder;
-- :meth:`~MedTuningMrmlLogic.start_retune` warm-starts from a model on the whole library.
+- :meth:`~MedTuningMrmlLogic.start_retune` warm-starts from a model on the whole library
+  (``medtuning retune``) into ``<model>-round<N>``.
 
 Every job runs the backend as ``PYTHON -m MedTuningLib ... --events jsonl`` with ``env`` (see
 :func:`MedTuningLib.slicer_bridge.settings.backend_environment`) and ``library_root`` on its
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -28,7 +30,7 @@ from MedTuningLib.mrml.curves import CurveNodes
 from MedTuningLib.mrml.jobs import Job
 from MedTuningLib.mrml.nodes import export_volume, is_labelmap, is_volume, load_result
 from MedTuningLib.mrml.terminology import load_medtuning_terminology
-from MedTuningLib.slicer_bridge.commands import SegmentParams, TrainParams, backend_argv
+from MedTuningLib.slicer_bridge.commands import RetuneParams, SegmentParams, TrainParams, backend_argv
 from MedTuningLib.slicer_bridge.events import RunState
 from MedTuningLib.slicer_bridge.export import ExportNamer
 from MedTuningLib.slicer_bridge.process import DEFAULT_GRACE_S, BackendProcess, CommandChain
@@ -63,7 +65,8 @@ class MedTuningMrmlLogic:
     def process(self, params: Any, workdir: Optional[Path], cwd: Optional[Path] = None) -> BackendProcess:
         """The backend process for ``params`` (not started); training stops through ``OUT.partial``."""
         argv = backend_argv(self.python, params)
-        stop_dir = params.workdir() if isinstance(params, TrainParams) else workdir
+        own = params.workdir() if isinstance(params, (TrainParams, RetuneParams)) else None
+        stop_dir = own or workdir
         log.info("MedTuning: %s", " ".join(argv))
         return BackendProcess(argv, workdir=stop_dir, env=self.env, pythonpath=self.library_root, cwd=cwd,
                               grace_s=self.grace_s)
@@ -140,13 +143,34 @@ class MedTuningMrmlLogic:
         self.curves.remove()
         return self.job(kind, steps, temp_dir, lambda state: Path(state.outputs.get("model") or out))
 
-    def start_retune(self, model: ModelInfo, epochs: int, device: str = "auto", **train: Any) -> Job:
-        """Warm start from ``model`` on the whole case library (short schedule) into ``<model>-retuned``."""
-        task = model.task if model.task in ("kits", "brats") else "custom"
-        # The base weights the model was tuned from: not pretrained stays not pretrained.
-        train.setdefault("weights", "none" if model.pretrained is False else "hub")
-        return self.start_fine_tune([], model.modalities, f"{model.name}-retuned", kind="retune", task=task,
-                                    epochs=epochs, device=device, init_from=model.path, **train)
+    def start_retune(self, model: ModelInfo, epochs: Optional[int] = None, device: str = "auto",
+                     minutes: Optional[float] = None, steps_per_epoch: Optional[int] = None,
+                     extra: Sequence[str] = ()) -> Job:
+        """``medtuning retune``: warm start from ``model`` on the whole case library with a short budget.
+
+        Task, labels, modalities, architecture and base weights come from the model folder. The new
+        model is ``<model>-round<N+1>`` in the models folder (given explicitly, so its ``.partial``
+        folder — where a ``STOP`` file cancels the run — is known); the result is its path.
+        ``extra`` (train options) runs ``train --init-from`` with them instead, as before ``retune``.
+        """
+        if not model.usable:
+            raise MrmlError(f"The model {model.name} cannot be used: {model.problem}")
+        models_dir = self.settings.resolved_models_dir()
+        models_dir.mkdir(parents=True, exist_ok=True)
+        base = re.sub(r"-round\d+$", "", model.name) or model.name
+        name = f"{base}-round{int(model.round or 0) + 1}"
+        if extra:
+            task = model.task if model.task in ("kits", "brats") else "custom"
+            return self.start_fine_tune([], model.modalities, name, kind="retune", task=task, epochs=epochs,
+                                        minutes=minutes, steps_per_epoch=steps_per_epoch, device=device,
+                                        init_from=model.path, extra=list(extra),
+                                        weights="none" if model.pretrained is False else "hub")
+        out = models_dir / next_model_name(models_dir, name)
+        params = RetuneParams(model=model.path, library=self.settings.resolved_cases_dir(), out=out,
+                              epochs=epochs, minutes=minutes, steps_per_epoch=steps_per_epoch, device=device)
+        self.curves.remove()
+        temp_dir = self.context.new_temp_dir()
+        return self.job("retune", [params], temp_dir, lambda state: Path(state.outputs.get("model") or out))
 
     # -- curves ----------------------------------------------------------------------------------
     def update_curves(self, state: RunState) -> Any:
