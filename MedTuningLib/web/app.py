@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
 import sys
 import tempfile
@@ -89,7 +90,7 @@ class MedTuningWebApp(TrameApp):
         self.tune = TuneLogic(self.server, self.mrml, self.jobs, self.models, self.cases)
 
         self.ui = MedTuningUI(self.server, self.layout_logic.layout_manager, self._download_result,
-                              str(config.scans_dir or ""))
+                              self._download_scene, str(config.scans_dir or ""))
         self._connect()
         state = self.server.state
         state.trame__title = "MedTuning"
@@ -127,6 +128,20 @@ class MedTuningWebApp(TrameApp):
     async def _download_result(self) -> Any:
         data = self.segment.result_bytes()
         return self.server.protocol.addAttachment(data) if data is not None else None
+
+    async def _download_scene(self) -> Any:
+        """The whole scene (scans, results, corrections) as a Slicer .mrb, to open in 3D Slicer."""
+        folder = self.mrml.context.new_temp_dir("scene-")
+        try:
+            path = folder / "scene.mrb"
+            if not self.slicer_app.io_manager.write_scene(path) or not path.is_file():
+                with self.server.state:
+                    self.jobs.show_error("OUTPUT_NOT_WRITABLE", "the scene could not be written as .mrb",
+                                         "check the free space of the server's temporary folder")
+                return None
+            return self.server.protocol.addAttachment(path.read_bytes())
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def close(self) -> None:
         """Stop a running backend job (the server is going away)."""

@@ -36,7 +36,8 @@ class MedTuningUI:
     refresh_clicked = Signal()
     open_server_file_clicked = Signal(str)
 
-    def __init__(self, server: Any, layout_manager: Any, download_result: Any, scans_dir_text: str) -> None:
+    def __init__(self, server: Any, layout_manager: Any, download_result: Any, download_scene: Any,
+                 scans_dir_text: str) -> None:
         self.server = server
         with ViewerLayout(server, title="MedTuning", is_drawer_visible=True) as self.layout:
             self.layout.title.set_text("MedTuning")
@@ -61,6 +62,9 @@ class MedTuningUI:
                         v3.VBtn("Download result (.seg.nrrd)", id="mt-download", size="small", variant="tonal",
                                 prepend_icon="mdi-download", classes="mt-1",
                                 click=f"utils.download('result.seg.nrrd', trigger('{server.controller.trigger_name(download_result)}'), 'application/octet-stream')")
+                        v3.VBtn("Save scene (.mrb)", id="mt-save-scene", size="small", variant="tonal",
+                                prepend_icon="mdi-content-save", classes="mt-1 ml-1",
+                                click=f"utils.download('MedTuning scene.mrb', trigger('{server.controller.trigger_name(download_scene)}'), 'application/octet-stream')")
                     self.editor = SegmentEditorUI(v_if=("mt_result",))
                 with html.Div(v_show="mt_tab === 'cases'", classes="pa-2"):
                     self._cases_panel()
@@ -157,6 +161,15 @@ class MedTuningUI:
                     html.Td("{{ c.effort }}", classes="text-caption")
 
     def _tune_panel(self) -> None:
+        self._curve()
+        html.Div("Re-tune the selected model on my cases (warm start)", classes="text-subtitle-2")
+        with html.Div(classes="d-flex align-center"):
+            v3.VTextField(label="epochs", v_model=("mt_retune_epochs",), type="number", density="compact",
+                          hide_details=True, style="max-width: 100px", id="mt-retune-epochs")
+            v3.VBtn("Re-tune now", color="primary", prepend_icon="mdi-refresh-auto", classes="ml-2 flex-grow-1",
+                    id="mt-retune", disabled=("mt_job_running || !mt_model_path || !mt_cases.length",),
+                    click=self.retune_clicked)
+        v3.VDivider(classes="my-3")
         html.Div("Fine-tune on my cases", classes="text-subtitle-2 mb-1")
         _field("new model name", "name", id="mt-train-name")
         with html.Div(classes="d-flex"):
@@ -183,23 +196,17 @@ class MedTuningUI:
                     _field("steps per epoch (empty: one pass)", "steps_per_epoch", type="number", id="mt-train-steps")
         v3.VBtn("Fine-tune on my cases", block=True, color="primary", prepend_icon="mdi-school", id="mt-fine-tune",
                 disabled=("mt_job_running || !mt_cases.length",), click=self.fine_tune_clicked)
-        v3.VDivider(classes="my-3")
-        html.Div("Re-tune the selected model on my cases (warm start)", classes="text-subtitle-2")
-        with html.Div(classes="d-flex align-center"):
-            v3.VTextField(label="epochs", v_model=("mt_retune_epochs",), type="number", density="compact",
-                          hide_details=True, style="max-width: 100px", id="mt-retune-epochs")
-            v3.VBtn("Re-tune now", color="primary", prepend_icon="mdi-refresh-auto", classes="ml-2 flex-grow-1",
-                    id="mt-retune", disabled=("mt_job_running || !mt_model_path || !mt_cases.length",),
-                    click=self.retune_clicked)
-        self._curve()
 
     def _curve(self) -> None:
-        with html.Div(v_if=("mt_curve.length",), classes="mt-3", id="mt-curve"):
+        with html.Div(v_if=("mt_curve.length",), classes="mb-3", id="mt-curve"):
             html.Div("Training curve (loss scaled to its maximum, Dice 0-1, per epoch)", classes="text-caption")
             with html.Svg(width="100%", height="130", style="background: rgba(255,255,255,0.04)",
                           raw_attrs=['viewBox="-4 -4 328 128"']):
-                AbstractElement("polyline", v_for="c in mt_curve", key="c.name",
-                                raw_attrs=[':points="c.points"', ':stroke="c.colour"', 'fill="none"', 'stroke-width="2"'])
+                with AbstractElement("g", v_for="c in mt_curve", key="c.name"):
+                    AbstractElement("polyline", raw_attrs=[':points="c.points"', ':stroke="c.colour"', 'fill="none"',
+                                                           'stroke-width="2"'])
+                    AbstractElement("circle", v_for="(d, n) in c.dots", key="n",
+                                    raw_attrs=[':cx="d[0]"', ':cy="d[1]"', 'r="3"', ':fill="c.colour"'])
             with html.Div():
                 html.Span("● {{ c.label }} {{ c.last }}", v_for="c in mt_curve", key="c.name",
                           style=("{color: c.colour, marginRight: '10px'}",), classes="text-caption",

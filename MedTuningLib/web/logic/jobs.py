@@ -37,9 +37,10 @@ def curve_view(state: RunState) -> list[dict]:
     for i, (name, label) in enumerate(named):
         points = state.curves[name]
         top = max(max(p.value for p in points), 1e-9) if name == "train/loss" else 1.0
-        xy = " ".join(f"{CURVE_W * p.x / x_max:.1f},{CURVE_H - CURVE_H * min(p.value / top, 1.0):.1f}"
-                      for p in points)
-        out.append({"name": name, "label": label, "colour": CURVE_COLOURS[i % len(CURVE_COLOURS)], "points": xy,
+        dots = [[round(CURVE_W * p.x / x_max, 1), round(CURVE_H - CURVE_H * min(p.value / top, 1.0), 1)]
+                for p in points]
+        out.append({"name": name, "label": label, "colour": CURVE_COLOURS[i % len(CURVE_COLOURS)],
+                    "points": " ".join(f"{x},{y}" for x, y in dots), "dots": dots,
                     "last": f"{points[-1].value:.3f}", "n": len(points)})
     return out
 

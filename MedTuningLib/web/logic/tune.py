@@ -72,12 +72,9 @@ class TuneLogic:
         except ValueError as exc:
             self.jobs.show_error("INVALID_OPTION", str(exc), "give a positive number of epochs")
             return
-        # A custom model re-tunes on its own segments, whatever else the library's labels hold.
-        extra = []
-        if model.task not in ("kits", "brats") and model.segments:
-            extra = ["--segments=" + ",".join(s.name for s in model.segments)]
+        # Task, labels, modalities, architecture and base weights come from the model folder.
         self.jobs.start("retune", lambda: self.logic.start_retune(model, epochs, device=self.logic.settings.device,
-                                                                  steps_per_epoch=steps, extra=extra),
+                                                                  steps_per_epoch=steps),
                         after=self._finished)
 
     def _finished(self, job: Any) -> None:
