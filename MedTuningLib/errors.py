@@ -48,6 +48,8 @@ CATALOGUE: dict[str, ErrorKind] = {
     "LABEL_SPEC_INVALID": ErrorKind(EXIT_BAD_INPUT, "The --labels mapping cannot be parsed or is inconsistent."),
     "SEGMENT_NAMES_MISMATCH": ErrorKind(EXIT_BAD_INPUT, "Segment names differ between cases of a custom task."),
     "VOLUME_TOO_SMALL": ErrorKind(EXIT_BAD_INPUT, "A volume is too small to be processed."),
+    "IMAGE_GRID_SHEARED": ErrorKind(EXIT_BAD_INPUT, "An image's voxel axes are not perpendicular (a sheared grid)."),
+    "IMAGE_GEOMETRY_AMBIGUOUS": ErrorKind(EXIT_BAD_INPUT, "A NIfTI file's qform and sform place the volume differently."),
     # --- DICOM input and output (issue 14) ---------------------------------------------------
     "DICOM_MULTIPLE_SERIES": ErrorKind(EXIT_BAD_INPUT, "A DICOM folder holds several image series; --series UID picks one."),
     "DICOM_SERIES_NOT_FOUND": ErrorKind(EXIT_BAD_INPUT, "No series with the --series UID is in the DICOM folder(s)."),

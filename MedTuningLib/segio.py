@@ -36,6 +36,17 @@ def _reference_geometry_string(reference: sitk.Image) -> str:
     return ";".join(values + extent) + ";"
 
 
+def _header_text(value: object, key: bool = False) -> str:
+    """Text for a NRRD header field: the NRRD library writes the header as ASCII, one field per line, so
+    other characters are escaped (``\\xe8``) and control characters become spaces (a crafted value
+    must not add header lines; issue 15). Keys also lose ``:`` / ``=`` / spaces."""
+    text = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in str(value))
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    if key:
+        text = "".join("_" if c in ":= " else c for c in text)
+    return text
+
+
 def write_segmentation(path: Path, masks: Mapping[str, np.ndarray], reference: sitk.Image, scheme=None,
                        header: Mapping[str, str] | None = None) -> None:
     """Write ``masks`` (bool [D, H, W] on ``reference``'s grid, by segment name, in order) as a .seg.nrrd.
@@ -58,7 +69,7 @@ def write_segmentation(path: Path, masks: Mapping[str, np.ndarray], reference: s
                            "created in course of conversion. Can be copied from a volume, using the button."}],
     })
     for key, value in (header or {}).items():  # slicerio writes keys it does not know as they are
-        segmentation[str(key)] = str(value)
+        segmentation[_header_text(key, key=True)] = _header_text(value)
     definitions = {s.name: s for s in getattr(scheme, "segments", [])} if scheme is not None else {}
     full_extent = [v for axis in range(3) for v in (0, size[axis] - 1)]
     for index, (name, mask) in enumerate(masks.items(), start=1):

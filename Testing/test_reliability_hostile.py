@@ -405,3 +405,138 @@ def test_names_longer_than_the_file_system_allows(command, world, tmp_path, cli)
                       str(tmp_path / long), "--device", "cpu"])
     assert_refused(result, "PATH_TOO_LONG")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# the weaker spots of the issue: each a clear code
+# ------------------------------------------------------------------------------------------------
+
+def _sheared_nrrd(path: Path) -> Path:
+    """A real NRRD whose voxel axes are not perpendicular (ITK reads it without a word)."""
+    voxels = np.random.default_rng(0).normal(100, 10, (8, 40, 40)).astype("<f4")
+    header = ("NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 40 40 8\n"
+              "space directions: (1,0,0) (0.5,1,0) (0,0,1.2)\nkinds: domain domain domain\nendian: little\n"
+              "encoding: raw\nspace origin: (0,0,0)\n\n")
+    path.write_bytes(header.encode() + voxels.tobytes())
+    return path
+
+
+def _nifti(path: Path, qform_code: int, sform_code: int, srow: list[tuple[float, ...]],
+           qoffset: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Path:
+    """A real NIfTI-1 file (written by SimpleITK) with its qform / sform fields set as given."""
+    import struct
+
+    image, _ = blob_volume(shape=(8, 40, 40), spacing=(1.0, 1.0, 1.0))
+    sitk.WriteImage(image, str(path))
+    header = bytearray(path.read_bytes())
+    struct.pack_into("<hh", header, 252, qform_code, sform_code)
+    struct.pack_into("<3f", header, 268, *qoffset)
+    for i, row in enumerate(srow):
+        struct.pack_into("<4f", header, 280 + 16 * i, *row)
+    path.write_bytes(bytes(header))
+    return path
+
+
+def _add(cli, library: Path, image: Path, label: Path | None = None):
+    return cli(["cases", "add", "--library", str(library), "--image", str(image), "--label",
+                str(label if label is not None else image), "--modality", "MR"])
+
+
+@pytest.mark.parametrize("kind", ["nrrd", "nifti"])
+def test_a_sheared_grid_is_named_as_such(kind, world, tmp_path, cli):
+    if kind == "nrrd":
+        image = _sheared_nrrd(tmp_path / "sheared.nrrd")
+    else:  # ITK refuses it ("orthonormal"), which was reported as "truncated, corrupt or not an image"
+        image = _nifti(tmp_path / "sheared.nii", 0, 1, [(1, 0.5, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0)])
+    assert_refused(_add(cli, tmp_path / "lib", image), "IMAGE_GRID_SHEARED", "not perpendicular")
+    out = tmp_path / "r.seg.nrrd"
+    assert_refused(cli(["segment", "--model", str(world["model"]), "--image", str(image), "--out", str(out)]),
+                   "IMAGE_GRID_SHEARED")
+    assert not out.exists() and not (tmp_path / "lib").exists()
+
+
+def test_a_nifti_whose_qform_and_sform_disagree_is_refused(world, tmp_path, cli):
+    """qform and sform 10 mm apart: readers differ in which one they use, so MedTuning does not guess."""
+    image = _nifti(tmp_path / "two-places.nii", 1, 1, [(-1, 0, 0, 10), (0, -1, 0, 0), (0, 0, 1, 0)])
+    assert_refused(_add(cli, tmp_path / "lib", image), "IMAGE_GEOMETRY_AMBIGUOUS", "10.0 mm")
+    agreeing = _nifti(tmp_path / "one-place.nii", 1, 1, [(-1, 0, 0, 0), (0, -1, 0, 0), (0, 0, 1, 0)])
+    _, label = blob_volume(shape=(8, 40, 40), spacing=(1.0, 1.0, 1.0))
+    label.CopyInformation(sitk.ReadImage(str(agreeing)))
+    sitk.WriteImage(label, str(tmp_path / "label.nrrd"))
+    assert_ok(_add(cli, tmp_path / "lib", agreeing, tmp_path / "label.nrrd"))
+
+
+def test_an_empty_label_names_the_values_it_holds(world, tmp_path, cli):
+    library = tmp_path / "lib"
+    image, label = blob_volume(shape=(8, 40, 40))
+    values = sitk.GetArrayFromImage(label) * 255
+    for i in range(2):
+        relabelled = sitk.GetImageFromArray(values.astype(np.uint8))
+        relabelled.CopyInformation(label)
+        sitk.WriteImage(image, str(tmp_path / f"img{i}.nrrd"))
+        sitk.WriteImage(relabelled, str(tmp_path / f"lab{i}.nrrd"))
+        assert_ok(_add(cli, library, tmp_path / f"img{i}.nrrd", tmp_path / f"lab{i}.nrrd"))
+    last = assert_refused(train(cli, library, tmp_path / "model"), "EMPTY_LABEL", "255", "Blob=1")
+    assert "255" in last["hint"]
+    assert_nothing_written(tmp_path / "model")
+
+
+def test_negative_label_values_are_refused_not_taken_as_background(tmp_path, cli):
+    from MedTuningLib.data.labels import scheme_from_spec
+    from MedTuningLib.errors import MedTuningError
+
+    image, label = blob_volume(shape=(8, 40, 40))
+    values = sitk.GetArrayFromImage(label).astype(np.int16)
+    values[0, :5, :5] = -1
+    negative = sitk.GetImageFromArray(values)
+    negative.CopyInformation(label)
+    sitk.WriteImage(image, str(tmp_path / "img.nrrd"))
+    sitk.WriteImage(negative, str(tmp_path / "lab.nrrd"))
+    assert_refused(_add(cli, tmp_path / "lib", tmp_path / "img.nrrd", tmp_path / "lab.nrrd"), "UNKNOWN_LABEL_VALUES",
+                   "negative")
+    with pytest.raises(MedTuningError) as info:  # a library file changed after it was added
+        scheme_from_spec("Blob=1").encode(values)
+    assert info.value.code == "UNKNOWN_LABEL_VALUES" and "-1" in info.value.message
+
+
+def test_sigint_during_cases_add_stops_it_and_leaves_the_library_unchanged(world, tmp_path, cli, monkeypatch):
+    import signal
+
+    library = tmp_path / "lib"
+    assert_ok(cli(["cases", "add", "--library", str(library), "--image", str(world["image"]), "--label",
+                   str(world["label"]), "--modality", "MR", "--id", "first"]))
+    before = snapshot(library)
+    real = shutil.copyfile
+
+    def interrupted(src, dst, *args, **kwargs):  # Ctrl-C arrives while the files are being copied
+        result = real(src, dst, *args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(shutil, "copyfile", interrupted)
+    status, events = cli(["cases", "add", "--library", str(library), "--image", str(world["image"]), "--label",
+                          str(world["label"]), "--modality", "MR", "--id", "second"])
+    assert status == 130 and events[-1] == {**events[-1], "event": "done", "status": "cancelled"}, events[-2:]
+    assert snapshot(library) == before
+
+
+def test_names_that_the_nrrd_writer_cannot_write_are_refused_before_training(world, tmp_path, cli):
+    """The NRRD library behind slicerio writes ASCII headers: a name with an accent trained for as long as
+    asked and then failed when the result was written."""
+    out = tmp_path / "model"
+    assert_refused(cli(["train", "--library", str(world["library"]), "--out", str(out), "--labels", "Rein é=1",
+                        *TINY_TRAIN, *QUICK]), "LABEL_SPEC_INVALID", "ascii")
+    assert_nothing_written(out)
+
+
+def test_provenance_fields_of_a_result_cannot_add_header_lines(tmp_path):
+    """Text MedTuning puts into a .seg.nrrd header (model name, DICOM descriptions) is one ASCII line."""
+    from MedTuningLib.segio import write_segmentation
+
+    image, label = blob_volume(shape=(8, 40, 40))
+    out = tmp_path / "r.seg.nrrd"
+    write_segmentation(out, {"Blob": sitk.GetArrayFromImage(label).astype(bool)}, image,
+                       header={"MedTuning_Model": "modèle à moi\nencoding: raw", "Bad key: x": "v"})
+    seg = slicerio.read_segmentation(str(out))
+    assert seg["MedTuning_Model"] == "mod\\xe8le \\xe0 moi encoding: raw"
+    assert [s["name"] for s in seg["segments"]] == ["Blob"] and seg["voxels"].any()

@@ -70,6 +70,70 @@ def read_sitk(path: Path, what: str = "image", series: Sequence[str] = ()) -> si
     return read_sitk_source(path, what, series)[0]
 
 
+def _sheared(path: Path, what: str) -> MedTuningError:
+    return MedTuningError("IMAGE_GRID_SHEARED", f"the {what} {path} has voxel axes that are not perpendicular (a "
+                          "sheared grid, e.g. from a gantry tilt); MedTuning would place it wrongly",
+                          "resample it onto a perpendicular grid first (3D Slicer: Resample Scalar/Vector/DWI Volume, "
+                          "or Harden transform), then save it again", path=str(path))
+
+
+def _nifti_affines(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The qform and sform (4x4, RAS) of a NIfTI-1 file that sets both, else None. Read from the header's
+    bytes: ITK's metadata does not carry qfac (pixdim[0])."""
+    import gzip
+    import struct
+
+    try:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as fh:
+            header = fh.read(348)
+    except OSError:
+        return None
+    if len(header) < 348:
+        return None
+    endian = next((e for e in "<>" if struct.unpack(e + "i", header[:4])[0] == 348), None)
+    if endian is None:  # NIfTI-2 or not NIfTI
+        return None
+    pixdim = struct.unpack(endian + "8f", header[76:108])
+    qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
+    if qform_code <= 0 or sform_code <= 0:
+        return None
+    b, c, d, *qoffset = struct.unpack(endian + "6f", header[256:280])
+    srows = np.array(struct.unpack(endian + "12f", header[280:328]), dtype=float).reshape(3, 4)
+    a = float(np.sqrt(max(0.0, 1.0 - b * b - c * c - d * d)))
+    rotation = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                         [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                         [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - b * b - c * c]])
+    qfac = -1.0 if pixdim[0] < 0 else 1.0
+    qform, sform = np.eye(4), np.eye(4)
+    qform[:3, :3] = rotation @ np.diag([pixdim[1], pixdim[2], pixdim[3] * qfac])
+    qform[:3, 3] = qoffset
+    sform[:3, :] = srows
+    return qform, sform
+
+
+def _check_geometry(image: sitk.Image, path: Path, what: str) -> None:
+    """Refuse a volume whose place in space is not certain (issue 15): voxel axes that are not
+    perpendicular (ITK reads a sheared NRRD without a word), or a NIfTI whose qform and sform disagree
+    (readers differ in which one they believe, so a label made elsewhere may sit elsewhere)."""
+    if image.GetDimension() != 3:
+        return
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise _sheared(path, what)
+    affines = _nifti_affines(path) if path.name.lower().endswith((".nii", ".nii.gz")) else None
+    if affines is None:
+        return
+    size = image.GetSize()
+    corners = np.array([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
+    qform, sform = affines
+    gap = float(np.max(np.linalg.norm((corners @ qform.T - corners @ sform.T)[:, :3], axis=1)))
+    if gap > 0.5 * min(image.GetSpacing()):
+        raise MedTuningError("IMAGE_GEOMETRY_AMBIGUOUS", f"the {what} {path} has a qform and an sform that place it "
+                             f"up to {gap:.1f} mm apart; programs differ in which one they use",
+                             "fix the header so that both agree (or set one of qform_code / sform_code to 0), e.g. "
+                             "load it in 3D Slicer, check it lines up, and save it as NRRD", path=str(path))
+
+
 def read_sitk_source(path: Path, what: str = "image", series: Sequence[str] = (), log: Log | None = None,
                      info: Any = None) -> tuple[sitk.Image, Any]:
     """:func:`read_sitk`, and the :class:`~MedTuningLib.data.dicom.DicomSeries` read (None for files)."""
@@ -86,9 +150,12 @@ def read_sitk_source(path: Path, what: str = "image", series: Sequence[str] = ()
         raise
     except Exception as exc:  # ITK raises RuntimeError for truncated, corrupt and non-image files
         first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        if "orthonormal" in first_line:  # ITK's NIfTI reader on a sheared sform / qform
+            raise _sheared(path, what) from exc
         raise MedTuningError("FILE_UNREADABLE", f"the {what} {path} cannot be read: it is truncated, corrupt or "
                              f"not an image ({first_line[:200]})", _hint_formats(), path=str(path)) from exc
     if path.is_file():
+        _check_geometry(image, path, what)
         reason = _truncation(path, image)
         if reason:
             raise MedTuningError("FILE_UNREADABLE", f"the {what} {path} is truncated: {reason}",
@@ -247,7 +314,7 @@ def _check_segment_names(path: Path, segments: list[dict[str, Any]]) -> None:
     seen: dict[str, str] = {}
     for segment in segments:
         name = segment.get("name", segment.get("id", ""))
-        problem = text_problem(name, "segment name")
+        problem = text_problem(name, "segment name", "\\")
         if problem:
             raise MedTuningError("LABEL_SPEC_INVALID", f"{path}: {problem}",
                                  "rename the segment in 3D Slicer (Segment Editor: double-click the name) and save "
@@ -394,7 +461,16 @@ def read_label(path: Path, reference: sitk.Image, scheme: LabelScheme, allow_emp
     else:
         label = read_sitk(path, "label")
         check_label_grid(Grid.of(reference), Grid.of(label), f"label {path.name}")
-        out = scheme.encode(sitk.GetArrayViewFromImage(label), f"label {path.name}")
+        array = sitk.GetArrayViewFromImage(label)
+        out = scheme.encode(array, f"label {path.name}")
+        if not allow_empty and not out.any():
+            found = [int(v) for v in np.unique(array) if v != 0]
+            mapping = "; ".join(f"{c.name}={','.join(map(str, c.source_values))}" for c in scheme.classes)
+            raise MedTuningError("EMPTY_LABEL", f"the label {path} has no voxels of the classes ({mapping}); the "
+                                 f"values it holds are {found[:20] or 'only 0 (background)'}",
+                                 "map the values it holds (e.g. --labels \"Name=" + (str(found[0]) if found else "1")
+                                 + "\"), or draw the structures; an empty label teaches the model nothing",
+                                 path=str(path), values=found[:20])
     if not allow_empty and not out.any():
         raise MedTuningError("EMPTY_LABEL", f"the label {path} has no foreground voxels of the classes "
                              f"{scheme.class_names}", "draw the structures (or remove this case from the library); "
@@ -430,6 +506,10 @@ def inspect_label(path: Path, reference: sitk.Image) -> LabelInfo:
             raise MedTuningError("UNKNOWN_LABEL_VALUES", f"the label {path} holds non-integer values: is it an image "
                                  "rather than a label?", "give a labelmap with integer label values", path=str(path))
         info = LabelInfo("labelmap", [int(v) for v in values if v != 0])
+        if any(v < 0 for v in info.values):
+            raise MedTuningError("UNKNOWN_LABEL_VALUES", f"the label {path} holds negative values "
+                                 f"{[v for v in info.values if v < 0][:10]}: label values are 0 (background) or "
+                                 "positive", "fix the labelmap (is it an image rather than a label?)", path=str(path))
         foreground = bool(info.values)
     if not foreground:
         raise MedTuningError("EMPTY_LABEL", f"the label {path} has no foreground voxels",

@@ -87,7 +87,10 @@ def text_problem(text: Any, what: str, separators: str = "", max_length: int = M
         if unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in _BIDI_CONTROLS:
             return f"{what} {text!r} holds the control character U+{ord(char):04X}"
         if char in separators:
-            return f"{what} {text!r} holds {char!r}, which separates fields in a .seg.nrrd"
+            return f"{what} {text!r} holds {char!r}, which separates fields in .seg.nrrd or DICOM files"
+        if ord(char) > 127:  # the NRRD library behind slicerio writes headers as ASCII only
+            return (f"{what} {text!r} holds {char!r}: .seg.nrrd segment names and terminology are written as plain "
+                    "ASCII (letters without accents, digits, punctuation)")
     return None
 
 
@@ -178,7 +181,7 @@ class LabelScheme:
         # Names and terminology are written into .seg.nrrd headers, DICOM SEG, JSON and HTML (issue 15).
         for kind, items in (("class", self.classes), ("region", self.regions), ("segment", self.segments)):
             for item in items:
-                problem = text_problem(item.name, f"{kind} name")
+                problem = text_problem(item.name, f"{kind} name", "\\")  # DICOM's value separator
                 if problem:
                     raise bad(problem)
         for segment in self.segments:
@@ -253,7 +256,7 @@ class LabelScheme:
                 continue
             if value in table:
                 mapped[i] = table[value]
-            elif self.unlisted == "background":
+            elif self.unlisted == "background" and value > 0:  # a negative value is never a label (issue 15)
                 mapped[i] = 0
             else:
                 unknown.append(int(value))
