@@ -10,7 +10,6 @@ from pathlib import Path
 def run(args, ctx) -> dict:
     from MedTuningLib.engine.device import resolve_device
     from MedTuningLib.engine.evaluate import evaluate_model, markdown_report
-
     from MedTuningLib.engine.recipe import protocol_options
 
     device = resolve_device(args.device)

@@ -168,9 +168,8 @@ def check_replaceable(job: ScanJob, force: bool, model: Path) -> None:
 def run(args, ctx) -> dict:
     from MedTuningLib.engine.device import resolve_device, resolve_precision
     from MedTuningLib.engine.modelfolder import load_model_folder
-    from MedTuningLib.fileio import check_writable_dir
-
     from MedTuningLib.engine.recipe import protocol_options
+    from MedTuningLib.fileio import check_writable_dir
 
     events = ctx.events
     device = resolve_device(args.device)

@@ -18,9 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-RECIPES = ("paper",)
-PROTOCOLS = ("project", "paper")
-
 # Official slide_window: stride int(128 / 3) = 42 for 128-voxel windows, uniform averaging.
 PAPER_WINDOW_FRACTION = 1.0 / 3.0
 # Official postprocess (utils/predict_fold_3D.py): an enhancing tumour of fewer voxels becomes necrosis.
