@@ -270,3 +270,19 @@ def test_names_beyond_ascii_reach_the_seg_and_the_nrrd_header(run, cli, tmp_path
     status, events = cli(["segment", "--model", str(model), "--image", str(tmp_path / "missing"),
                           "--out", str(tmp_path / "m.dcm")])
     assert status == 2 and events[-1]["code"] == "FILE_NOT_FOUND"
+
+
+def test_slicer_bridge_segment_command_with_series_and_dicom_seg_runs_on_the_real_backend(run, cli, tmp_path):
+    from MedTuningLib.slicer_bridge.commands import SegmentParams
+
+    root = run["root"]
+    params = SegmentParams(model=root / "model", images=[root / "study" / "CT"], out=tmp_path / "r.seg.nrrd",
+                           series=[run["written"]["series_uid"]], dicom_seg=tmp_path / "r.dcm", device="cpu")
+    argv = params.argv()
+    assert f"--series={run['written']['series_uid']}" in argv and f"--dicom-seg={tmp_path / 'r.dcm'}" in argv
+    status, events = cli([*argv, "--overlap", "0.25"])
+    assert status == 0, events[-2:]
+    assert (tmp_path / "r.seg.nrrd").is_file() and (tmp_path / "r.dcm").is_file()
+    # Nothing new is written when not asked for: the argv of a plain call is unchanged.
+    assert SegmentParams(model="M", images=["a.nrrd"], out="r.seg.nrrd").argv() == \
+        ["segment", "--model=M", "--image=a.nrrd", "--out=r.seg.nrrd"]

@@ -122,7 +122,9 @@ class TrainParams:
 
 @dataclass
 class SegmentParams:
-    """``medtuning segment``: one ``--image`` per modality, in the model's channel order."""
+    """``medtuning segment``: one ``--image`` per modality, in the model's channel order. An image may be
+    a DICOM series folder (``series``: the SeriesInstanceUID per image when a folder holds several);
+    ``dicom_seg`` then also writes the result as DICOM SEG (``seg_type`` binary or fractional)."""
 
     model: PathLike
     images: Sequence[PathLike]
@@ -132,13 +134,19 @@ class SegmentParams:
     device: Optional[str] = None
     weights: Optional[PathLike] = None
     force: bool = False
+    series: Sequence[str] = ()
+    dicom_seg: Optional[PathLike] = None
+    seg_type: Optional[str] = None
 
     def argv(self) -> list[str]:
         _choice("device", self.device, DEVICES)
+        _choice("seg_type", self.seg_type, ("binary", "fractional"))
         images = _paths("--image", self.images)
         return ["segment", *_opt("model", self.model), *[t for p in images for t in _opt("image", p)],
                 *_opt("out", self.out), *_opt("labelmap", self.labelmap), *_flag("tta", self.tta),
-                *_opt("weights", self.weights), *_opt("device", self.device), *_flag("force", self.force)]
+                *_opt("weights", self.weights), *_opt("device", self.device), *_flag("force", self.force),
+                *[t for uid in self.series for t in _opt("series", uid)], *_opt("dicom-seg", self.dicom_seg),
+                *_opt("seg-type", self.seg_type)]
 
 
 @dataclass
