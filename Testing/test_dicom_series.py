@@ -200,3 +200,22 @@ def test_two_modalities_from_one_folder_are_paired_with_series_in_order(tmp_path
     with pytest.raises(MedTuningError) as info:
         read_case_inputs([folder, folder], series=[first["series_uid"], "9.9.9"])
     assert info.value.code == "DICOM_SERIES_NOT_FOUND" and "--series number 2" in info.value.message
+
+
+def test_an_empty_result_is_still_a_valid_seg_of_every_slice(tmp_path, chest):
+    """Nothing found is a result too: the SEG keeps every frame (all zero) rather than failing."""
+    import highdicom as hd
+
+    from MedTuningLib.data.dicom import read_series
+    from MedTuningLib.dicomseg import write_dicom_seg
+
+    written = write_series(chest, tmp_path / "CT")
+    _, series = read_series(tmp_path / "CT")
+    empty = {"Nodule": np.zeros((34, 128, 128), dtype=bool)}
+    summary = write_dicom_seg(tmp_path / "empty.dcm", empty, series, scheme=None, model_name="m")
+    seg = hd.seg.segread(str(tmp_path / "empty.dcm"))
+    assert summary["segments"] == {"Nodule": 1} and seg.get_segment_description(1).segment_label == "Nodule"
+    generic = seg.get_segment_description(1).segmented_property_type
+    assert generic.scheme_designator == "SCT" and generic.meaning == "Tissue"  # Slicer's generic entry
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=written["sop_uids"], segment_numbers=[1])
+    assert pixels.shape == (34, 128, 128, 1) and not pixels.any()
