@@ -219,3 +219,36 @@ def test_an_empty_result_is_still_a_valid_seg_of_every_slice(tmp_path, chest):
     assert generic.scheme_designator == "SCT" and generic.meaning == "Tissue"  # Slicer's generic entry
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=written["sop_uids"], segment_numbers=[1])
     assert pixels.shape == (34, 128, 128, 1) and not pixels.any()
+
+
+def test_brats_regions_as_a_fractional_seg_carry_the_region_probabilities_and_private_codes(tmp_path, chest):
+    """BraTS writes overlapping regions (ET inside TC inside WT); their probability is the sum over the
+    region's classes, and their codes are the MedTuning private scheme (no SNOMED concept exists)."""
+    import highdicom as hd
+    import torch
+
+    from MedTuningLib.data.dicom import read_series
+    from MedTuningLib.data.labels import scheme_for_task
+    from MedTuningLib.dicomseg import write_dicom_seg
+    from MedTuningLib.engine.infer import segment_masks, segment_probabilities
+
+    scheme = scheme_for_task("brats", source="brats2019")
+    written = write_series(chest, tmp_path / "CT")
+    _, series = read_series(tmp_path / "CT")
+    rng = np.random.default_rng(0)
+    probs = torch.from_numpy(rng.dirichlet(np.ones(4), size=(34, 128, 128)).astype(np.float32)).permute(3, 0, 1, 2)
+    region = segment_probabilities(scheme, probs)
+    assert list(region) == ["ET", "TC", "WT"]
+    np.testing.assert_allclose(region["WT"], probs[1:].sum(0).numpy(), atol=1e-6)
+    assert np.all(region["ET"] <= region["TC"] + 1e-6) and np.all(region["TC"] <= region["WT"] + 1e-6)
+    masks = segment_masks(scheme, probs.argmax(0).numpy().astype(np.uint8))
+    write_dicom_seg(tmp_path / "brats.dcm", masks, series, scheme, model_name="brats", seg_type="fractional",
+                    probabilities=region)
+    seg = hd.seg.segread(str(tmp_path / "brats.dcm"))
+    assert seg.SegmentationType == "FRACTIONAL"
+    codes = [seg.get_segment_description(n).segmented_property_type for n in (1, 2, 3)]
+    assert [(c.scheme_designator, c.value) for c in codes] == [("99MEDTUNING", "ET"), ("99MEDTUNING", "TC"),
+                                                               ("99MEDTUNING", "WT")]
+    read = seg.get_pixels_by_source_instance(source_sop_instance_uids=written["sop_uids"], segment_numbers=[1, 2, 3],
+                                             dtype=np.float32)
+    np.testing.assert_allclose(read[..., 2], region["WT"], atol=0.5 / 255 + 1e-6)  # stored as 0..255
