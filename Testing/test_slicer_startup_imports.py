@@ -17,6 +17,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "MedTuning" / "MedTuning.py"
 
@@ -107,3 +109,60 @@ def test_mrml_and_bridge_never_import_qt_or_torch():
                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
                 for name in names:
                     assert name.split(".")[0] in allowed, f"{file.name} imports {name}"
+
+
+def python39() -> str:
+    """A Python 3.9 interpreter (Slicer 5.4-5.8 ship 3.9): on PATH or from pyenv."""
+    import glob
+    import shutil
+
+    candidates = [*sorted(glob.glob(str(Path.home() / ".pyenv/versions/3.9*/bin/python3.9"))), shutil.which("python3.9")]
+    for candidate in filter(None, candidates):  # a pyenv shim may exist without a usable 3.9 behind it
+        done = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 9))"],
+                              capture_output=True, text=True, timeout=60)
+        if done.stdout.strip() == "True":
+            return candidate
+    pytest.skip("no Python 3.9 interpreter on this machine (pyenv install 3.9)")
+
+
+RUN_ON_39 = textwrap.dedent(r'''
+    import json, sys, tempfile
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    assert sys.version_info[:2] == (3, 9), sys.version
+    from MedTuningLib.slicer_bridge import BackendProcess, EventReader, RunState, TrainParams, backend_argv
+    from MedTuningLib.slicer_bridge.settings import BridgeSettings, backend_environment, read_model_info
+    from MedTuningLib.slicer_bridge.export import ExportNamer, plan_case_export
+    state = RunState()
+    state.apply_all(EventReader().feed(b'{"event": "metric", "phase": "train", "epoch": 1, "name": "loss", "value": 0.5}\n'))
+    assert state.curves["train/loss"][0].value == 0.5
+    argv = backend_argv(sys.executable, TrainParams(library="lib", out="out", epochs=2, crop=(8, 32, 32)))
+    assert "--crop=8x32x32" in argv
+    env = backend_environment({"PYTHONHOME": "/S/lib/Python", "SLICER_HOME": "/S", "PATH": "/S/bin:/usr/bin"}, False)
+    assert env == {"SLICER_HOME": "/S", "PATH": "/usr/bin"}, env
+    folder = Path(tempfile.mkdtemp())
+    assert read_model_info(folder).problem and BridgeSettings.from_dict({"device": "x"}).device == "auto"
+    assert plan_case_export(folder, ["T1", "T1"], "seg").images[1].name == "T1_2.nrrd"
+    run = BackendProcess([sys.executable, "-c", "print('{\"event\": \"done\", \"status\": \"ok\"}')"]).start()
+    assert run.wait(timeout=60) == 0 and run.state.ok and not run.backend_alive
+    print("ok")
+''')
+
+
+def test_the_slicer_free_closure_runs_on_python_3_9(tmp_path):
+    """slicer_bridge (and schema, errors, paths) imported and exercised on a real Python 3.9 with
+    only its standard library (-I -S); the Slicer-bound files are byte-compiled by it."""
+    py39 = python39()
+    script = tmp_path / "run39.py"
+    script.write_text(RUN_ON_39, encoding="utf-8")
+    done = subprocess.run([py39, "-I", "-S", str(script), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    files = [MODULE, *sorted((ROOT / "MedTuningLib" / "mrml").glob("*.py"))]
+    compile_all = "import py_compile, sys\nfor f in sys.argv[1:]:\n    py_compile.compile(f, cfile=f + '.39c', doraise=True)\n"
+    copies = []
+    for file in files:  # compile copies, so no .pyc of 3.9 lands in the source tree
+        copy = tmp_path / f"{file.parent.name}_{file.name}"
+        copy.write_text(file.read_text(encoding="utf-8"), encoding="utf-8")
+        copies.append(str(copy))
+    done = subprocess.run([py39, "-I", "-S", "-c", compile_all, *copies], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
