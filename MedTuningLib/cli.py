@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="new model folder (default: MODEL-roundN beside the model, N its round + 1)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default 20)")
+    budget.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default 10)")
     budget.add_argument("--minutes", type=_positive_float, default=None, help="time budget; stops cleanly when spent")
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None)
     p.add_argument("--batch", type=_positive_int, default=None, help="crops per step (default: as the model was trained)")

@@ -16,8 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: examples/correction_loop.sh OUT_DIR [ROUNDS] [RETUNE_EPOCHS]}
 ROUNDS=${2:-3}
-RETUNE_EPOCHS=${3:-12}
-R0_EPOCHS=${R0_EPOCHS:-40}   # round 0 (training on the seed slab)
+RETUNE_EPOCHS=${3:-8}
+R0_EPOCHS=${R0_EPOCHS:-24}   # round 0 (training on the seed slab)
 DATA=../shared/data/abdomen-ct-mr
 MT=".venv/bin/medtuning"
 [ -f "$DATA/ct.nii.gz" ] || { echo "needs $DATA (see ../shared/data/README.md)"; exit 2; }
@@ -27,7 +27,7 @@ export MEDTUNING_HOME="$OUT/home"   # its own decode cache
 # The demo's CPU-sized model: a 4-block ViT-Tiny (8-pixel patches) + U-Net style decoder, Med-Tuning,
 # random base weights (no pretrained weights on this machine).
 MODEL=(--arch vit_unet --backbone vit_tiny_patch16_224 --backbone-args depth=4,patch_size=8 --decoder-width 16
-       --method med_tuning --weights none --crop 6x96x96 --batch 2 --device cpu --seed 0)
+       --method med_tuning --weights none --crop 6x64x64 --batch 2 --device cpu --seed 0)
 LABELS="Liver=5;Kidney=2,3"
 SEED=88:94
 TEST=82:88
@@ -92,7 +92,7 @@ t1=$(date +%s)
 import json, os, platform, sys
 out, rounds, epochs, seconds, r0 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 lines = [f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU only; model: ViT-Tiny 4 blocks "
-         f"(8-px patches) + U-Net decoder, Med-Tuning, random base weights, crop 6x96x96, batch 2; round 0: {r0} epochs "
+         f"(8-px patches) + U-Net decoder, Med-Tuning, random base weights, crop 6x64x64, batch 2; round 0: {r0} epochs "
          f"x 4 steps on the seed slab; each re-tune: {epochs} epochs x 4 steps; {rounds} rounds; whole run "
          f"{seconds / 60:.1f} min.", "",
          "| strategy | round | scan corrected | train slabs | held-out Dice Liver | held-out Dice Kidney | "

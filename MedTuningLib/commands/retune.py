@@ -16,7 +16,7 @@ from pathlib import Path
 from MedTuningLib.engine.modelfolder import read_model_manifest
 from MedTuningLib.engine.train import TrainingRun, TrainOptions
 
-DEFAULT_EPOCHS = 20  # a short re-tune: the model already knows the task
+DEFAULT_EPOCHS = 10  # a short re-tune: the model already knows the task
 
 
 def default_out(model: Path, round_number: int) -> Path:
