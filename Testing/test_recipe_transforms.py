@@ -61,3 +61,26 @@ def test_global_intensity_stays_the_project_default():
     assert np.allclose(out, out.flat[0])  # one scale and one shift for the whole crop
     with pytest.raises(ValueError):
         training_transforms((2, 4, 4), sampling="everywhere")
+
+
+def test_shuffle_order_gives_every_case_once_per_pass_split_among_processes():
+    """--case-order shuffle: DistributedSampler(shuffle=True) as the official code uses it."""
+    from MedTuningLib.engine.train import CropSampler
+
+    cases = [{"image": np.full((1, 2, 4, 4), 10.0 * i, np.float32), "label": np.zeros((1, 2, 4, 4), np.uint8)}
+             for i in range(5)]
+
+    def draws(rank: int, epoch: int, n: int) -> list[int]:
+        sampler = CropSampler(cases, (2, 4, 4), 2, sampling="uniform", order="shuffle")
+        sampler.reseed(100 * rank + epoch)  # the per-rank crop seed: it must not change the case order
+        sampler.start_epoch(seed=0, epoch=epoch, rank=rank, world=2)
+        images, _ = sampler.batch(n)
+        return [int(round(float(img.mean()) / 10)) for img in images]
+
+    first, second = draws(0, 1, 3), draws(1, 1, 3)
+    # 5 cases padded to 6 by repeating the order's first; rank 0 takes positions 0, 2, 4, rank 1 positions 1, 3, 5.
+    assert sorted(set(first + second)) == [0, 1, 2, 3, 4] and len(first + second) == 6
+    assert draws(0, 1, 3) == first  # reproducible (resume)
+    assert [draws(0, e, 3) + draws(1, e, 3) for e in (2, 3, 4)] != [first + second] * 3  # a fresh order per epoch
+    # A second pass in the same epoch: again every case, in another order.
+    assert sorted(set(draws(0, 1, 6)[3:] + draws(1, 1, 6)[3:])) == [0, 1, 2, 3, 4]

@@ -76,6 +76,9 @@ PAPER_TRAIN: tuple[Choice, ...] = (
     Choice("epoch_passes", "--epoch-passes 1", 1,
            "an epoch is one pass over the training cases (DistributedSampler, drop_last)",
            "2 crops per case per epoch: small libraries get useful epochs"),
+    Choice("case_order", "--case-order shuffle", "shuffle",
+           "DistributedSampler(shuffle=True): every case once per epoch, a fresh order per epoch split among GPUs",
+           "random: each crop's case drawn at random (any number of processes, resumable mid-run)"),
     Choice("crop_sampling", "--crop-sampling uniform", "uniform", "every crop position equally likely",
            "foreground: crops centred on foreground 2 : 1, so small tumours in small crops are seen"),
     Choice("intensity_aug", "--intensity-aug per_column", "per_column",
@@ -271,7 +274,8 @@ def relabel_small_enhancing(scheme, class_map: np.ndarray, min_voxels: int) -> t
 
 def apply_train_options(opts: Any, args: argparse.Namespace, recipe: dict | None) -> None:
     """Copy the options of the official choices from the parsed arguments into ``TrainOptions``."""
-    for name, default in (("schedule", "cosine"), ("epoch_passes", 2), ("crop_sampling", "foreground"),
+    for name, default in (("schedule", "cosine"), ("epoch_passes", 2), ("case_order", "random"),
+                          ("crop_sampling", "foreground"),
                           ("intensity_aug", "global"), ("base_init", "project"), ("select", "best"),
                           ("sync_batchnorm", False), ("norm_eps", None), ("decoder_init", "default")):
         setattr(opts, name, getattr(args, name, default))

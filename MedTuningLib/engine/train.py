@@ -75,6 +75,7 @@ class TrainOptions:
     # model selection, SyncBatchNorm, ViT LayerNorm eps, decoder initialisation.
     schedule: str = "cosine"
     epoch_passes: int = 2
+    case_order: str = "random"
     crop_sampling: str = "foreground"
     intensity_aug: str = "global"
     base_init: str = "project"
@@ -126,8 +127,8 @@ class TrainOptions:
         keep = ("task", "labels", "source_labels", "arch", "backbone", "backbone_kwargs", "decoder_width", "method",
                 "adapter", "weights", "crop", "batch", "accumulate", "epochs", "steps_per_epoch", "lr",
                 "weight_decay", "warmup_epochs", "loss", "seed", "train_case_ids", "val_case_ids", "segments",
-                "schedule", "epoch_passes", "crop_sampling", "intensity_aug", "base_init", "select", "norm_eps",
-                "decoder_init")
+                "schedule", "epoch_passes", "case_order", "crop_sampling", "intensity_aug", "base_init", "select",
+                "norm_eps", "decoder_init")
         data = asdict(self)
         result = {k: data[k] for k in keep}
         result["crop"] = list(self.crop)
@@ -370,13 +371,34 @@ class CropSampler:
     """Draws training batches of random crops (MONAI transforms) from cases held in memory."""
 
     def __init__(self, cases: list[dict], crop: tuple[int, int, int], num_classes: int,
-                 flip_axes: tuple[int, ...] = (0, 1, 2), sampling: str = "foreground", intensity: str = "global") -> None:
+                 flip_axes: tuple[int, ...] = (0, 1, 2), sampling: str = "foreground", intensity: str = "global",
+                 order: str = "random") -> None:
         from MedTuningLib.data.transforms import training_transforms
 
         self.cases = cases
         self.transforms = training_transforms(crop, num_classes=num_classes, flip_axes=flip_axes, sampling=sampling,
                                               intensity=intensity)
         self.rng = np.random.default_rng(0)
+        # "random": each crop from a case drawn at random; "shuffle" (official DistributedSampler): every case
+        # once per pass, in an order drawn per epoch from (seed, epoch) alone, each process taking every world-th.
+        self.order = order
+        self._queue: list[int] = []
+        self._epoch = (0, 0, 0, 1, 0)  # seed, epoch, rank, world, passes drawn
+
+    def start_epoch(self, seed: int, epoch: int, rank: int, world: int) -> None:
+        self._epoch = (seed % 2**32, epoch, rank, world, 0)
+        self._queue = []
+
+    def _next_case(self) -> dict:
+        if self.order != "shuffle":
+            return self.cases[int(self.rng.integers(len(self.cases)))]
+        if not self._queue:
+            seed, epoch, rank, world, passes = self._epoch
+            order = np.random.default_rng([seed, epoch, passes]).permutation(len(self.cases))
+            order = np.resize(order, -(-len(order) // world) * world)  # padded by repeating, as DistributedSampler
+            self._queue = [int(i) for i in order[rank::world]]
+            self._epoch = (seed, epoch, rank, world, passes + 1)
+        return self.cases[self._queue.pop(0)]
 
     def reseed(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
@@ -385,7 +407,7 @@ class CropSampler:
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = [], []
         for _ in range(size):
-            case = self.cases[int(self.rng.integers(len(self.cases)))]
+            case = self._next_case()
             sample = self.transforms({"image": case["image"], "label": case["label"]})
             if isinstance(sample, list):  # crop transforms with num_samples return a list
                 sample = sample[0]
@@ -666,7 +688,7 @@ class TrainingRun:
         if len(flip_axes) < 3:
             events.log("left/right segments: no left-right flips in training or test-time augmentation")
         sampler = CropSampler(train_data, crop, scheme.num_classes, flip_axes=flip_axes, sampling=opts.crop_sampling,
-                              intensity=opts.intensity_aug)
+                              intensity=opts.intensity_aug, order=opts.case_order)
         # Crops per optimiser step: batch x accumulate x processes (one GPU with --accumulate 8 = 8 GPUs x 2).
         steps_per_epoch = opts.steps_per_epoch or recipe_steps_per_epoch(len(train_data), opts.batch * opts.accumulate,
                                                                          self.dist.world, opts.epoch_passes)
@@ -718,6 +740,7 @@ class TrainingRun:
                 t_epoch = time.monotonic()
                 derived = seed_everything(opts.seed, epoch, self.dist.rank)
                 sampler.reseed(derived)
+                sampler.start_epoch(opts.seed, epoch, self.dist.rank, self.dist.world)
                 train_model.train()
                 losses = []
                 for step in range(steps_per_epoch):
@@ -866,6 +889,7 @@ class TrainingRun:
             "parameters": {k: report[k] for k in ("full", "tuned", "inserted", "head") if k in report},
             "recipe": (opts.recipe or {}).get("name", "none"),
             "training_choices": {"loss": opts.loss, "schedule": opts.schedule, "epoch_passes": opts.epoch_passes,
+                                 "case_order": opts.case_order,
                                  "crop_sampling": opts.crop_sampling, "intensity_aug": opts.intensity_aug,
                                  "base_init": opts.base_init, "selection": opts.select, "batchnorm": self.batchnorm,
                                  "norm_eps": opts.norm_eps, "decoder_init": opts.decoder_init,
