@@ -199,9 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "schedule")
     p.add_argument("--epoch-passes", type=_positive_int, default=2,
                    help="crops per training case per epoch (default 2; paper 1)")
-    p.add_argument("--case-order", choices=("random", "shuffle"), default="random",
-                   help="random: each crop from a case drawn at random (default); shuffle: every case once per "
-                        "pass in a fresh order per epoch, shared out among processes (paper: DistributedSampler)")
     p.add_argument("--crop-sampling", choices=("foreground", "uniform"), default="foreground",
                    help="foreground: crops centred on foreground 2:1 (default); uniform: any position (paper)")
     p.add_argument("--intensity-aug", choices=("global", "per_column"), default="global",
@@ -285,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the result as DICOM SEG (the input must be a DICOM series)")
     p.add_argument("--seg-type", choices=("binary", "fractional"), default="binary",
                    help="DICOM SEG type: binary masks, or fractional (the model's probabilities, 0..255)")
+    p.add_argument("--dicom-resample", action="store_true",
+                   help="resample a DICOM series with a gantry tilt, uneven spacing or missing slices onto a "
+                        "regular grid (logged) instead of refusing it; the result is then a .seg.nrrd only")
     p.add_argument("--batch-list", type=Path, default=None, metavar="CSV_OR_FOLDER",
                    help="segment many scans with one model load: a CSV (one row per scan: a column per modality, "
                         "out, optional labelmap / dicom_seg / series / id) or a folder with one scan per "
@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--series", action="append", default=None, metavar="UID",
                    help="SeriesInstanceUID to read from a DICOM folder holding several series (repeat: one per "
                         "--image, in order)")
+    c.add_argument("--dicom-resample", action="store_true",
+                   help="resample a DICOM series with a gantry tilt, uneven spacing or missing slices onto a "
+                        "regular grid (logged, recorded in the case's provenance) instead of refusing it")
     c.add_argument("--slices", default=None, metavar="START:STOP",
                    help="add only these slices (end excluded), e.g. 0:80 to train on a slab and hold out the rest")
     _add_common(c)

@@ -286,3 +286,26 @@ def test_slicer_bridge_segment_command_with_series_and_dicom_seg_runs_on_the_rea
     # Nothing new is written when not asked for: the argv of a plain call is unchanged.
     assert SegmentParams(model="M", images=["a.nrrd"], out="r.seg.nrrd").argv() == \
         ["segment", "--model=M", "--image=a.nrrd", "--out=r.seg.nrrd"]
+
+
+def test_a_resampled_series_gives_a_seg_nrrd_but_no_dicom_seg(run, cli, tmp_path):
+    root = run["root"]
+    dy = run["chest"].GetSpacing()[1]
+
+    def shear(k, ds):  # a gantry tilt of one pixel row per slice
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [f"{x:.6f}", f"{y + dy * k:.6f}", f"{z:.6f}"]
+
+    write_series(run["chest"], tmp_path / "tilted", modify=shear)
+    common = ["segment", "--model", str(root / "model"), "--image", str(tmp_path / "tilted"), "--device", "cpu",
+              "--overlap", "0.25"]
+    status, events = cli([*common, "--out", str(tmp_path / "r.seg.nrrd")])
+    assert status == 2 and events[-1]["code"] == "DICOM_GANTRY_TILT"
+    status, events = cli([*common, "--out", str(tmp_path / "r.seg.nrrd"), "--dicom-seg", str(tmp_path / "r.dcm"),
+                          "--dicom-resample"])
+    assert status == 2 and events[-1]["code"] == "INVALID_OPTION" and "resampled" in events[-1]["message"]
+    assert not (tmp_path / "r.dcm").exists() and not (tmp_path / "r.seg.nrrd").exists()
+    status, events = cli([*common, "--out", str(tmp_path / "r.seg.nrrd"), "--dicom-resample"])
+    assert status == 0, events[-2:]
+    assert "gantry tilt" in events[-1]["outputs"]["source"][0]["resampled"]
+    assert slicerio.read_segmentation(str(tmp_path / "r.seg.nrrd"))["voxels"].shape == (128, 128, 34)

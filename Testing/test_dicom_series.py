@@ -252,3 +252,73 @@ def test_brats_regions_as_a_fractional_seg_carry_the_region_probabilities_and_pr
     read = seg.get_pixels_by_source_instance(source_sop_instance_uids=written["sop_uids"], segment_numbers=[1, 2, 3],
                                              dtype=np.float32)
     np.testing.assert_allclose(read[..., 2], region["WT"], atol=0.5 / 255 + 1e-6)  # stored as 0..255
+
+
+def _shear_one_pixel(chest: sitk.Image):
+    """A gantry tilt that moves each slice by exactly one pixel row (about 17 degrees at these spacings)."""
+    dy = chest.GetSpacing()[1]
+
+    def shear(k, ds):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [f"{x:.6f}", f"{y + dy * k:.6f}", f"{z:.6f}"]
+
+    return shear
+
+
+def test_dicom_resample_undoes_a_gantry_tilt_voxel_for_voxel(tmp_path, chest):
+    from MedTuningLib.data.io import read_case_inputs
+
+    write_series(chest, tmp_path / "CT", modify=_shear_one_pixel(chest))
+    notes: list[str] = []
+    case = read_case_inputs([tmp_path / "CT"], log=notes.append, regularize=True)
+    assert "gantry tilt of 16.9" in case.dicom[0].regularized and any("resampled" in n for n in notes)
+    assert case.provenance()[0]["resampled"] == case.dicom[0].regularized
+    out = case.reference
+    source = sitk.GetArrayFromImage(chest)
+    array = case.array[0]
+    # Every source pixel, placed where its slice's own position says, is found there in the result.
+    checked = 0
+    for k in (0, 5, 20, 33):
+        corner = np.array(chest.TransformIndexToPhysicalPoint((0, 0, k))) + np.array([0.0, chest.GetSpacing()[1] * k, 0])
+        index = out.TransformPhysicalPointToIndex(tuple(corner))
+        assert index[0] == 0 and index[2] == k
+        rows = source.shape[1] - abs(index[1])
+        lo = max(0, index[1])
+        np.testing.assert_allclose(array[k, lo:lo + rows], source[k, lo - index[1]:lo - index[1] + rows], atol=1e-3)
+        checked += rows
+    assert checked > 300
+
+
+def test_dicom_resample_interpolates_a_missing_slice_and_an_uneven_step(tmp_path, chest):
+    from MedTuningLib.data.io import read_case_inputs
+
+    source = sitk.GetArrayFromImage(chest).astype(np.float32)
+    write_series(chest, tmp_path / "gap", skip=(12,))
+    gap = read_case_inputs([tmp_path / "gap"], regularize=True)
+    assert gap.array.shape == (1, 34, 128, 128) and gap.reference.GetSpacing()[2] == pytest.approx(10.0)
+    np.testing.assert_allclose(gap.array[0, 12], (source[11] + source[13]) / 2, atol=1e-3)
+    np.testing.assert_array_equal(gap.array[0, 11], source[11])
+
+    def shift(k, ds):
+        if k >= 20:
+            ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1],
+                                       f"{float(ds.ImagePositionPatient[2]) + 4.0:.6f}"]
+
+    write_series(chest, tmp_path / "uneven", modify=shift)
+    uneven = read_case_inputs([tmp_path / "uneven"], regularize=True)
+    assert "slice steps from 10 to 14 mm" in uneven.dicom[0].regularized
+    np.testing.assert_array_equal(uneven.array[0, 19], source[19])
+    w = 10.0 / 14.0  # output slice 20 lies at 200 mm: between input 19 (190 mm) and input 20 (204 mm)
+    np.testing.assert_allclose(uneven.array[0, 20], (1 - w) * source[19] + w * source[20], atol=1e-2)
+
+
+def test_cases_add_resamples_only_when_asked_and_records_it(cli, tmp_path, chest, label):
+    write_series(chest, tmp_path / "CT", modify=_shear_one_pixel(chest))
+    status, events = _add(cli, tmp_path / "lib", tmp_path / "CT", label)
+    assert status == 2 and events[-1]["code"] == "DICOM_GANTRY_TILT" and "--dicom-resample" in events[-1]["hint"]
+    status, events = _add(cli, tmp_path / "lib", tmp_path / "CT", label, "--dicom-resample")
+    # The label was drawn on the unsheared volume's grid, which is the resampled grid: it fits.
+    assert status == 0, events[-2:]
+    case = json.loads((tmp_path / "lib" / "cases.json").read_text(encoding="utf-8"))["cases"][0]
+    assert "gantry tilt" in case["provenance"]["dicom"][0]["resampled"]
+    assert any("resampled" in e.get("message", "") for e in events if e["event"] == "log")

@@ -101,7 +101,8 @@ def run(args: Namespace, ctx) -> dict[str, Any]:
                 from MedTuningLib.data.dicom import series_to_files
 
                 images, read = series_to_files(images, args.series or (), Path(scratch),
-                                               log=lambda message: events.log(message))
+                                               log=lambda message: events.log(message),
+                                               regularize=bool(getattr(args, "dicom_resample", False)))
                 details = {"dicom": [r.provenance() if r is not None else None for r in read]}
                 if source is None:  # where the case came from: the DICOM folders, not the scratch copies
                     source = ", ".join(str(p) for p in [*args.image, label])

@@ -79,7 +79,12 @@ def segment_one(loaded, job: ScanJob, device, dtype, args, ctx) -> dict[str, Any
     result = segment_images(loaded, job.images, device, dtype, overlap=args.overlap, tta=args.tta,
                             min_component=args.min_component, log=events.log, on_window=ctx.cancel.check,
                             series=job.series, keep_probabilities=fractional,
-                            protocol=protocol_for(args, loaded.crop))
+                            protocol=protocol_for(args, loaded.crop),
+                            regularize=bool(getattr(args, "dicom_resample", False)))
+    if job.dicom_seg is not None and result.dicom and result.dicom[0] is not None and result.dicom[0].regularized:
+        raise MedTuningError("INVALID_OPTION", f"the series was resampled ({result.dicom[0].regularized}): its "
+                             "result no longer lines up with the source slices, so no DICOM SEG can reference them",
+                             "write a .seg.nrrd (--out RESULT.seg.nrrd without --dicom-seg) for a resampled series")
     events.progress("write", 0, 1, scan=job.id)
     source = result.provenance[0] if result.provenance else None
     model_name = Path(loaded.folder).name

@@ -183,6 +183,7 @@ class DicomSeries:
     origin: tuple[float, float, float]
     spacing: tuple[float, float, float]  # x, y, z as SimpleITK orders them
     direction: tuple[float, ...]  # 3x3 row-major, columns = row cosine, column cosine, slice normal
+    regularized: str = ""  # why the slices were resampled onto a regular grid ("" when they were not)
 
     @property
     def sop_instance_uids(self) -> list[str]:
@@ -198,7 +199,8 @@ class DicomSeries:
                 "spacing": [round(v, 6) for v in self.spacing],
                 "size": [int(first.Columns), int(first.Rows), len(self.headers)],
                 "first_sop_instance_uid": self.sop_instance_uids[0],
-                "last_sop_instance_uid": self.sop_instance_uids[-1]}
+                "last_sop_instance_uid": self.sop_instance_uids[-1],
+                **({"resampled": self.regularized} if self.regularized else {})}
 
 
 def _floats(ds: Any, keyword: str, count: int) -> np.ndarray | None:
@@ -210,11 +212,17 @@ def _floats(ds: Any, keyword: str, count: int) -> np.ndarray | None:
     return array if array.size == count and np.all(np.isfinite(array)) else None
 
 
-def check_series(folder: Path, info: SeriesInfo) -> DicomSeries:
-    """Sort and check the slices of one series (see the module docstring); the codes say what is wrong."""
+def check_series(folder: Path, info: SeriesInfo, regularize: bool = False) -> DicomSeries:
+    """Sort and check the slices of one series (see the module docstring); the codes say what is wrong.
+
+    ``regularize`` (``--dicom-resample``): a gantry tilt, uneven spacing or missing slices are not
+    refused but recorded in :attr:`DicomSeries.regularized`, and :func:`read_series` resamples the
+    slices onto a regular grid (a mixed, inconsistent or duplicated series is still refused)."""
     where = f"series {info.uid} in {folder}"
     hint_export = ("re-export the complete series from the PACS or scanner; 3D Slicer's DICOM module can load it "
                    "(regularising its geometry) and save it as NRRD, which MedTuning reads as it is")
+    hint_resample = ("or pass --dicom-resample to resample it onto a regular grid (logged; the result is then a "
+                     ".seg.nrrd on that grid, not a DICOM SEG of the source slices)")
     frames = {int(ds.get("NumberOfFrames", 1) or 1) for ds in info.headers}
     if max(frames) > 1:
         raise MedTuningError("DICOM_SERIES_UNSUPPORTED", f"the {where} is stored as multi-frame images "
@@ -263,25 +271,32 @@ def check_series(folder: Path, info: SeriesInfo) -> DicomSeries:
     stack = positions[-1] - positions[0]
     cos_angle = abs(float(stack @ normal)) / float(np.linalg.norm(stack))
     tilt = math.degrees(math.acos(min(1.0, cos_angle)))
-    if tilt > TILT_TOLERANCE_DEG:
+    problems: list[str] = []
+    if tilt > TILT_TOLERANCE_DEG and regularize:
+        problems.append(f"gantry tilt of {tilt:.2f} degrees")
+    elif tilt > TILT_TOLERANCE_DEG:
         raise MedTuningError("DICOM_GANTRY_TILT", f"the {where} was acquired with a gantry tilt of {tilt:.2f} "
                              "degrees (its slices are sheared, not stacked along their normal)",
-                             "3D Slicer's DICOM module can load it with 'Acquisition geometry regularization' "
-                             "and save it as NRRD; or reconstruct the scan without tilt", path=str(folder),
+                             "reconstruct the scan without tilt, load it in 3D Slicer's DICOM module with "
+                             "'Acquisition geometry regularization' and save it as NRRD, " + hint_resample,
+                             path=str(folder),
                              tilt_degrees=round(tilt, 3))
     off = np.abs(steps - step) > tolerance
-    if off.any():
+    if off.any() and regularize:
+        problems.append(f"slice steps from {float(steps.min()):.4g} to {float(steps.max()):.4g} mm")
+    elif off.any():
         multiples = steps[off] / step
         if np.all(np.abs(multiples - np.round(multiples)) * step <= tolerance) and np.all(np.round(multiples) >= 2):
             missing = int(np.sum(np.round(multiples) - 1))
             gaps = [round(float(along[i]), 3) for i in np.nonzero(off)[0]]
             raise MedTuningError("DICOM_MISSING_SLICES", f"the {where} is missing {missing} slice(s): the slices are "
                                  f"{step:.4g} mm apart except after the position(s) {gaps[:5]} mm along the normal",
-                                 "re-send or re-export the complete series (an interrupted transfer?)",
+                                 "re-send or re-export the complete series (an interrupted transfer?), "
+                                 + hint_resample + " (the gap is interpolated)",
                                  path=str(folder), missing=missing)
         raise MedTuningError("DICOM_UNEVEN_SPACING", f"the {where} has uneven slice spacing: steps from "
                              f"{float(steps.min()):.4g} to {float(steps.max()):.4g} mm (usually {step:.4g} mm)",
-                             hint_export, path=str(folder), min_spacing=float(steps.min()),
+                             hint_export + "; " + hint_resample, path=str(folder), min_spacing=float(steps.min()),
                              max_spacing=float(steps.max()))
     headers = [info.headers[i] for i in order]
     files = [info.files[i] for i in order]
@@ -289,27 +304,72 @@ def check_series(folder: Path, info: SeriesInfo) -> DicomSeries:
     if pixel_spacing is None:
         raise MedTuningError("DICOM_SERIES_INCONSISTENT", f"the {where} has no valid PixelSpacing", hint_export,
                              path=str(folder))
-    # Mean step from first to last: the most exact spacing the rounded positions give.
-    z = float((along[-1] - along[0]) / (len(along) - 1))
+    # Mean step from first to last: the most exact spacing the rounded positions give (a regularised
+    # series keeps its usual step instead).
+    z = float((along[-1] - along[0]) / (len(along) - 1)) if not problems else step
     direction = tuple(float(v) for v in np.column_stack([row, col, normal]).ravel())
     return DicomSeries(folder=Path(folder), info=info, headers=headers, files=files,
                        origin=tuple(float(v) for v in positions[0]),  # type: ignore[arg-type]
-                       spacing=(float(pixel_spacing[1]), float(pixel_spacing[0]), z), direction=direction)
+                       spacing=(float(pixel_spacing[1]), float(pixel_spacing[0]), z), direction=direction,
+                       regularized="; ".join(problems))
+
+
+def _regular_volume(series: DicomSeries):
+    """The slices of an irregular series resampled onto a regular grid: the first slice's plane, the usual
+    step along the normal. Each output slice interpolates linearly between the two input slices around it
+    along the normal, each shifted in its plane by its own offset (which undoes a gantry tilt's shear)."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    direction = np.asarray(series.direction, dtype=float).reshape(3, 3)
+    row, col, normal = direction[:, 0], direction[:, 1], direction[:, 2]
+    dx, dy, step = series.spacing
+    origin = np.asarray(series.origin, dtype=float)
+    positions = [np.array([float(v) for v in ds.ImagePositionPatient]) for ds in series.headers]
+    along = np.array([(p - origin) @ normal for p in positions])
+    slices = [sitk.GetArrayFromImage(sitk.ReadImage(str(f)))[0].astype(np.float32) for f in series.files]
+    count = int(math.floor(along[-1] / step + 1e-6)) + 1
+    out = np.empty((count, *slices[0].shape), dtype=np.float32)
+    shifted: dict[int, np.ndarray] = {}
+
+    def in_plane(k: int) -> np.ndarray:  # slice k moved onto the first slice's in-plane grid
+        if k not in shifted:
+            offset = origin - positions[k]
+            # Beyond the slice's edge: its edge values ("nearest"), so that positions rounded in the header
+            # (a shift of 4.999999 pixels) do not turn a border row into padding.
+            shifted[k] = ndimage.shift(slices[k], (-(offset @ col) / dy, -(offset @ row) / dx), order=1,
+                                       mode="nearest")
+        return shifted[k]
+
+    for t in range(count):
+        z = t * step
+        k = int(np.clip(np.searchsorted(along, z, side="right") - 1, 0, len(along) - 2))
+        w = float(np.clip((z - along[k]) / (along[k + 1] - along[k]), 0.0, 1.0))
+        out[t] = (1.0 - w) * in_plane(k) + w * in_plane(k + 1)
+    image = sitk.GetImageFromArray(out)
+    return image
 
 
 def read_series(folder: Path, wanted: Sequence[str] = (), log: Log | None = None,
-                info: SeriesInfo | None = None):
-    """Read one checked series as a SimpleITK image; returns ``(image, DicomSeries)``."""
+                info: SeriesInfo | None = None, regularize: bool = False):
+    """Read one checked series as a SimpleITK image; returns ``(image, DicomSeries)``. With ``regularize``
+    an irregular series (tilt, uneven spacing, missing slices) is resampled, with a note to ``log``."""
     import SimpleITK as sitk
 
     folder = Path(folder)
     if info is None:
         info = select_series(folder, scan_folder(folder), wanted, log)
-    series = check_series(folder, info)
+    series = check_series(folder, info, regularize)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(p) for p in series.files])
     try:
-        image = reader.Execute()
+        if series.regularized:
+            image = _regular_volume(series)
+            if log is not None:
+                log(f"series {info.uid} in {folder} has {series.regularized}: resampled (linear) onto a regular "
+                    f"grid of {image.GetSize()[2]} slices {series.spacing[2]:.4g} mm apart (--dicom-resample)")
+        else:
+            image = reader.Execute()
     except RuntimeError as exc:
         raise MedTuningError("FILE_UNREADABLE", f"the series {info.uid} in {folder} cannot be decoded "
                              f"({str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else 'ITK error'})",
@@ -378,8 +438,8 @@ def series_table(folder: Path) -> list[dict[str, Any]]:
 
 
 
-def series_to_files(paths: Sequence[Path], series: Sequence[str], folder: Path, log: Log | None = None
-                    ) -> tuple[list[Path], list[DicomSeries | None]]:
+def series_to_files(paths: Sequence[Path], series: Sequence[str], folder: Path, log: Log | None = None,
+                    regularize: bool = False) -> tuple[list[Path], list[DicomSeries | None]]:
     """DICOM folders among ``paths`` read (checked) and written as NRRD files into ``folder``; other paths
     stay as they are. Returns the paths to use and, per input, the series read (or None).
     Used by ``cases add``, which stores volumes, not DICOM folders."""
@@ -393,7 +453,7 @@ def series_to_files(paths: Sequence[Path], series: Sequence[str], folder: Path, 
             out.append(Path(path))
             provenance.append(None)
             continue
-        image, read = read_series(Path(path), (), log, info=info)
+        image, read = read_series(Path(path), (), log, info=info, regularize=regularize)
         name, n = Path(path).name or "dicom", 1
         target = Path(folder) / f"{name}.nrrd"
         while target.exists():

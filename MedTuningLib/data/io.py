@@ -135,7 +135,7 @@ def _check_geometry(image: sitk.Image, path: Path, what: str) -> None:
 
 
 def read_sitk_source(path: Path, what: str = "image", series: Sequence[str] = (), log: Log | None = None,
-                     info: Any = None) -> tuple[sitk.Image, Any]:
+                     info: Any = None, regularize: bool = False) -> tuple[sitk.Image, Any]:
     """:func:`read_sitk`, and the :class:`~MedTuningLib.data.dicom.DicomSeries` read (None for files)."""
     path = _check_exists(Path(path), what)
     source = None
@@ -143,7 +143,7 @@ def read_sitk_source(path: Path, what: str = "image", series: Sequence[str] = ()
         if path.is_dir():  # one checked series, never a guess between several (MedTuningLib.data.dicom)
             from MedTuningLib.data.dicom import read_series
 
-            image, source = read_series(path, series, log, info=info)
+            image, source = read_series(path, series, log, info=info, regularize=regularize)
         else:
             image = sitk.ReadImage(str(path))
     except MedTuningError:
@@ -222,11 +222,13 @@ def read_case_images(paths: Sequence[Path], log: Log | None = None, series: Sequ
     return case.array, case.reference
 
 
-def read_case_inputs(paths: Sequence[Path], log: Log | None = None, series: Sequence[str] = ()) -> CaseImages:
+def read_case_inputs(paths: Sequence[Path], log: Log | None = None, series: Sequence[str] = (),
+                     regularize: bool = False) -> CaseImages:
     """Modalities stacked channels-first, float32 [C, D, H, W], and the first modality's image.
 
     A path may be a DICOM folder; ``series`` (``--series``) picks among several series
-    (:func:`MedTuningLib.data.dicom.pick_series`).
+    (:func:`MedTuningLib.data.dicom.pick_series`); ``regularize`` resamples irregular series
+    (``--dicom-resample``) instead of refusing them.
 
     All modalities end up on the first one's grid: identical grids are stacked as they are, others
     are resampled (linear) onto it when their physical extents overlap — with a note to ``log`` —
@@ -244,7 +246,7 @@ def read_case_inputs(paths: Sequence[Path], log: Log | None = None, series: Sequ
     sources = []
     for index, path in enumerate(paths):
         what = f"image {index + 1}"
-        image, source = read_sitk_source(Path(path), what, log=log, info=picked[index])
+        image, source = read_sitk_source(Path(path), what, log=log, info=picked[index], regularize=regularize)
         image = _as_float_volume(image, path, what)
         sources.append(source)
         check_image_content(image, path, f"image {index + 1}")

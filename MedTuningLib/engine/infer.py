@@ -146,7 +146,8 @@ class SegmentResult:
 def segment_images(loaded, image_paths: Sequence[Path], device: torch.device, dtype: torch.dtype | None,
                    overlap: float = 0.5, tta: bool = False, min_component: int = 0,
                    log: Callable[[str], None] | None = None, on_window: Callable[[], None] | None = None,
-                   series: Sequence[str] = (), keep_probabilities: bool = False, protocol=None) -> SegmentResult:
+                   series: Sequence[str] = (), keep_probabilities: bool = False, protocol=None,
+                   regularize: bool = False) -> SegmentResult:
     """Read, normalise and segment one case with a loaded model folder (inputs may be DICOM series
     folders; ``series`` picks among several). ``protocol`` (an :class:`~MedTuningLib.engine.recipe.InferenceProtocol`,
     e.g. the paper's) replaces ``overlap`` / ``tta`` and adds its windows, blending and post-processing."""
@@ -161,7 +162,7 @@ def segment_images(loaded, image_paths: Sequence[Path], device: torch.device, dt
                              f"the model expects {len(loaded.modalities)} image(s) ({', '.join(loaded.modalities)}) "
                              f"but {len(image_paths)} were given",
                              "pass one --image per modality, in this order: " + ", ".join(loaded.modalities))
-    case = read_case_inputs([Path(p) for p in image_paths], log=log, series=series)
+    case = read_case_inputs([Path(p) for p in image_paths], log=log, series=series, regularize=regularize)
     array, reference = case.array, case.reference
     array = normalize_intensity(array, loaded.preprocessing)
     window = {} if protocol is None else {"overlap": protocol.overlap, "tta": protocol.tta, "mode": protocol.blend,
