@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "schedule")
     p.add_argument("--epoch-passes", type=_positive_int, default=2,
                    help="crops per training case per epoch (default 2; paper 1)")
+    p.add_argument("--case-order", choices=("random", "shuffle"), default="random",
+                   help="random: each crop from a case drawn at random (default); shuffle: every case once per "
+                        "pass in a fresh order per epoch, shared out among processes (paper: DistributedSampler)")
     p.add_argument("--crop-sampling", choices=("foreground", "uniform"), default="foreground",
                    help="foreground: crops centred on foreground 2:1 (default); uniform: any position (paper)")
     p.add_argument("--intensity-aug", choices=("global", "per_column"), default="global",
