@@ -363,6 +363,7 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorWidget.setSegmentationNode(None)
         self.ui.segmentEditorWidget.removeViewObservations()
         self._sceneCases.clear()
+        self.logic.mrml.results.clear()  # node IDs are reused by the next scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from MedTuningLib.mrml.cases import export_case
 from MedTuningLib.mrml.context import MrmlContext, MrmlError
@@ -56,6 +57,9 @@ class MedTuningMrmlLogic:
         self.grace_s = grace_s
         self.curves = CurveNodes(context.scene)
         self.terminology_context = load_medtuning_terminology(context)
+        #: segmentation node ID -> (model folder, the model's .seg.nrrd as it was before any editing),
+        #: so a corrected result added as a case records the correction effort.
+        self.results: Dict[str, Tuple[Path, Path]] = {}
 
     @property
     def python(self) -> str:
@@ -90,7 +94,6 @@ class MedTuningMrmlLogic:
             namer = ExportNamer(temp_dir)
             images = [export_volume(v, namer.path(v.GetName(), ".nrrd", "volume")) for v in volumes]
         except Exception:
-            import shutil
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
         out = namer.path("result", ".seg.nrrd")
@@ -99,23 +102,40 @@ class MedTuningMrmlLogic:
 
         def finish(state: RunState) -> Any:
             result = Path(state.outputs.get("segmentation") or out)
-            return load_result(self.context, result, volumes[0], output_node, title)
+            node = load_result(self.context, result, volumes[0], output_node, title)
+            self._remember_result(node, model.path, result)
+            return node
 
         return self.job("segment", [params], temp_dir, finish)
+
+    def _remember_result(self, node: Any, model: Path, result: Path) -> None:
+        """Keep the model's result file (the job folder goes) for the correction effort of a later add."""
+        previous = self.results.pop(node.GetID(), None)
+        if previous is not None:
+            shutil.rmtree(previous[1].parent, ignore_errors=True)
+        keep = self.context.new_temp_dir("MedTuning-result-")
+        kept = keep / result.name
+        shutil.copy2(result, kept)
+        self.results[node.GetID()] = (Path(model), kept)
 
     # -- cases and training ----------------------------------------------------------------------
     def _case_params(self, temp_dir: Path, namer: ExportNamer, cases: Sequence[CaseNodes],
                      modalities: Sequence[str], provenance: str) -> List[Any]:
         library = self.settings.resolved_cases_dir()
-        return [export_case(self.context, volumes, label, temp_dir, library, modalities, split, provenance, namer)
-                for volumes, label, split in cases]
+        params = []
+        for volumes, label, split in cases:
+            case = export_case(self.context, volumes, label, temp_dir, library, modalities, split, provenance, namer)
+            origin = self.results.get(label.GetID()) if provenance == "correction" else None
+            if origin is not None and hasattr(case, "model_output"):  # the backend measures the correction
+                case.from_model, case.model_output = origin
+            params.append(case)
+        return params
 
     def _exported(self, make: Callable[[Path, ExportNamer], Any]) -> Tuple[Path, Any]:
         temp_dir = self.context.new_temp_dir()
         try:
             return temp_dir, make(temp_dir, ExportNamer(temp_dir))
         except Exception:
-            import shutil
             shutil.rmtree(temp_dir, ignore_errors=True)  # nothing half-written is left behind
             raise
 
