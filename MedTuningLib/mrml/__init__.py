@@ -28,7 +28,8 @@ Terminology (:mod:`.terminology`)
     ``load_medtuning_terminology(context)`` loads MedTuning's BraTS context into Slicer's
     Terminologies logic; ``loaded_terminology_names(context)``; ``CONTEXT_NAME``.
 Corrections (:mod:`.correction`)
-    ``modify_segment(context, seg, segment_id, mask, volume, mode="add"|"remove"|"set")`` through
+    ``modify_segment(context, seg, segment_id, mask, volume, mode="add"|"remove"|"set",
+    overwrite_others=False)`` (True: other segments lose the painted voxels, Slicer's default) through
     ``vtkSlicerSegmentEditorLogic.ModifySegmentByLabelmap``; ``segment_mask(context, seg, id, volume)``;
     ``editor_node(context)``; ``oriented_mask(mask, volume)``.
 Curves (:mod:`.curves`)
@@ -42,8 +43,11 @@ Logic (:mod:`.logic`)
     ``MedTuningMrmlLogic(context, settings, python=None, env=None, library_root=None)`` with
     ``start_segmentation(model, volumes, device, tta, output_node)``,
     ``start_add_cases([(volumes, label, split)], modalities, provenance)``,
-    ``start_fine_tune(cases, modalities, name, **train)``, ``start_retune(model, epochs, device)``,
-    ``update_curves(state)``.
+    ``start_fine_tune(cases, modalities, name, **train)``, ``start_retune(model, epochs, device)``
+    (``medtuning retune`` into ``<model>-round<N>``), ``update_curves(state)``; ``results`` maps a
+    result node's ID to (model folder, model's .seg.nrrd) so adding it as a ``correction`` case
+    records the correction effort. Nodes: ``export_label(..., volume)`` resamples a segmentation
+    drawn on another grid onto the volume's (``on_volume_grid``, ``resampled_to_volume``).
 """
 
 from MedTuningLib.mrml.cases import SceneCase, SceneCaseList, check_case_nodes, export_case
