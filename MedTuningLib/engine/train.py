@@ -33,6 +33,7 @@ from MedTuningLib.errors import Cancelled, MedTuningError
 from MedTuningLib.events import EventStream
 from MedTuningLib.fileio import (FileLock, check_output_folder, ensure_writable_dir, read_json, replace_dir,
                                  write_json_atomic)
+from MedTuningLib.engine.budget import EpochBudget, adopt_plan
 from MedTuningLib.engine.objectives import learning_rate
 from MedTuningLib.engine.recipe import steps_per_epoch as recipe_steps_per_epoch
 from MedTuningLib.engine.recipe import use_sync_batchnorm
@@ -204,6 +205,16 @@ class Distributed:
         value = torch.tensor([1.0 if flag else 0.0])
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
+
+    def smallest(self, value: int) -> int:
+        """The smallest ``value`` of all ranks, on every rank (the epoch plan must agree)."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        tensor = torch.tensor([float(value)])
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
 
     def barrier(self) -> None:
         if self.enabled:
@@ -732,6 +743,7 @@ class TrainingRun:
             self._save_state(model, optimizer, state_dict_for(0))
 
         warmup_epochs = opts.warmup_epochs if opts.warmup_epochs is not None else min(5, max(0, total_epochs // 10))
+        budget = EpochBudget(opts.minutes * 60, opts.epochs, opts.val_every) if opts.minutes is not None else None
         epoch = start_epoch
         loss_value = float("nan")
         try:
@@ -762,7 +774,9 @@ class TrainingRun:
                 self._metric("train", epoch, "loss", mean_loss)
                 self._metric("train", epoch, "lr", lr)
 
+                t_trained, validated = time.monotonic(), False
                 if self.dist.main and (epoch % opts.val_every == 0 or epoch == total_epochs):
+                    validated = True
                     metrics = self._validate(model, val_data, scheme, crop, device, dtype)
                     score = metrics.get("dice/mean", 0.0)
                     for name, value in metrics.items():
@@ -773,13 +787,14 @@ class TrainingRun:
                     events.checkpoint(str(self.work / BEST_WEIGHTS), epoch, best=best["epoch"] == epoch,
                                       dice=score)
                 epoch_seconds = time.monotonic() - t_epoch
-                if opts.minutes is not None and epoch == start_epoch + 1 and not opts.resume:
-                    budget = opts.minutes * 60 - (time.monotonic() - t_start - epoch_seconds)
-                    affordable = max(epoch, int(budget // max(epoch_seconds, 1e-6)))
-                    if affordable < total_epochs:
-                        total_epochs = affordable
+                if budget is not None:
+                    # Re-planned after every epoch from steady-state epoch times (engine/budget.py), up to --epochs.
+                    budget.record(t_trained - t_epoch, time.monotonic() - t_trained if validated else None)
+                    proposed = self.dist.smallest(budget.plan(epoch, elapsed_before + time.monotonic() - t_start))
+                    if adopt_plan(total_epochs, proposed, epoch):
+                        total_epochs = proposed
                         events.log(f"time budget {opts.minutes} min: planning {total_epochs} epochs "
-                                   f"({epoch_seconds:.1f} s each)")
+                                   f"({budget.epoch_estimate():.1f} s each in the steady state)")
                 if self.dist.main:
                     self.curves.write()
                     self._save_state(model, optimizer, state_dict_for(epoch))
