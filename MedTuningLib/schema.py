@@ -510,6 +510,9 @@ class ModelManifest:
     pretrained: bool = False
     created: str = ""
     flip_axes: List[int] = field(default_factory=lambda: [0, 1, 2])
+    # Working spacing in mm, (x, y, z) as SimpleITK spells it: inputs are resampled to it (data/spacing.py).
+    # None: native, each scan on its own grid (also what a manifest written before the field means).
+    spacing: Optional[List[float]] = None
     parameters: Dict[str, int] = field(default_factory=dict)
     training: TrainingSummary = field(default_factory=TrainingSummary)
     test: Optional[EvaluationReport] = None  # scores on the library's test cases when it was trained
@@ -521,7 +524,8 @@ class ModelManifest:
     extra: Dict[str, Any] = field(default_factory=dict)
 
     REQUIRED = ("architecture", "base_weights", "modalities", "label_scheme", "preprocessing", "crop", "stored")
-    _KNOWN = REQUIRED + ("method", "pretrained", "created", "flip_axes", "parameters", "training", "test",
+    _KNOWN = REQUIRED + ("method", "pretrained", "created", "flip_axes", "spacing", "parameters", "training",
+                         "test",
                          "evaluation", "history", "packages", "format_version", "medtuning_version")
 
     # -- convenient facts ---------------------------------------------------------------------
@@ -557,6 +561,7 @@ class ModelManifest:
                 "base_weights": self.base_weights, "pretrained": self.pretrained, "stored": self.stored,
                 "modalities": list(self.modalities), "preprocessing": self.preprocessing,
                 "label_scheme": self.label_scheme, "crop": list(self.crop), "flip_axes": list(self.flip_axes),
+                "spacing": list(self.spacing) if self.spacing is not None else None,
                 "parameters": dict(self.parameters), "training": self.training.to_dict(),
                 "test": self.test.to_dict() if self.test is not None else None,
                 "history": [r.to_dict() for r in self.history], "packages": dict(self.packages)}
@@ -616,12 +621,19 @@ class ModelManifest:
         training = data.get("training")
         if training is not None and not isinstance(training, Mapping):
             raise bad("has a 'training' that is not an object")
+        spacing = data.get("spacing")
+        if spacing is not None:
+            values = [_number(v) for v in spacing] if isinstance(spacing, list) else []
+            if len(values) != 3 or not all(v is not None and 0 < v < 1000 for v in values):
+                raise bad(f"has a working spacing {spacing!r} that is not three sizes in mm")
+            spacing = [float(v) for v in values]
         return cls(architecture=dict(data["architecture"]), base_weights=dict(base),
                    modalities=[str(m) for m in modalities], label_scheme=dict(data["label_scheme"]),
                    preprocessing=dict(data["preprocessing"]), crop=list(crop), stored=str(data["stored"]),
                    method=dict(method) if isinstance(method, Mapping) else {}, pretrained=pretrained,
                    created=str(data.get("created") or ""),
-                   flip_axes=[int(a) for a in data.get("flip_axes") or (0, 1, 2)], parameters=counts,
+                   flip_axes=[int(a) for a in data.get("flip_axes") or (0, 1, 2)], spacing=spacing,
+                   parameters=counts,
                    training=TrainingSummary.from_dict(training),
                    test=EvaluationReport.from_dict(test, where) if isinstance(test, Mapping) else None,
                    evaluation=EvaluationReport.from_dict(evaluation, where) if isinstance(evaluation, Mapping)

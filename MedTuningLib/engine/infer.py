@@ -1,9 +1,10 @@
 """Inference: sliding-window prediction over whole volumes and writing results.
 
 MONAI's ``sliding_window_inference`` does the windowing (training crop size, overlap, Gaussian
-blending); optional flip test-time augmentation averages the softmax over mirrored inputs. Results
-stay on the input's voxel grid (the engine never resamples the scan), so the written
-``.seg.nrrd`` has the input volume's geometry exactly.
+blending); optional flip test-time augmentation averages the softmax over mirrored inputs. A model with a
+working spacing (data/spacing.py) sees the scan resampled to it; its probabilities go back to the
+input's own voxel grid before the argmax, so the written ``.seg.nrrd`` has the input volume's
+geometry exactly.
 """
 
 from __future__ import annotations
@@ -90,6 +91,22 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
     return result.clone()  # a normal tensor (not an inference-mode one) for the caller
 
 
+def predict_on_input_grid(model: torch.nn.Module, image: np.ndarray, spacing: Sequence[float],
+                          working: Sequence[float] | None, crop: Sequence[int], device: torch.device,
+                          dtype: torch.dtype | None, **window) -> torch.Tensor:
+    """:func:`predict_probabilities` on the model's working grid for a normalised ``[C, D, H, W]`` volume at
+    ``spacing`` (z, y, x): the image is resampled to ``working`` (linear), the probabilities back onto the
+    input grid (linear), so the caller's argmax is on the input's own voxels. ``working`` None: native."""
+    from MedTuningLib.data.spacing import to_input_grid, to_working_grid
+
+    resampled = to_working_grid(image, spacing, working)
+    probs = predict_probabilities(model, torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32)), crop,
+                                  device, dtype, **window)
+    if resampled is image:
+        return probs
+    return torch.from_numpy(to_input_grid(probs.numpy(), working, spacing, image.shape[-3:]))
+
+
 def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     """Drop connected components (26-connectivity) smaller than ``min_voxels``."""
     if min_voxels <= 0 or not mask.any():
@@ -167,8 +184,15 @@ def segment_images(loaded, image_paths: Sequence[Path], device: torch.device, dt
     array = normalize_intensity(array, loaded.preprocessing)
     window = {} if protocol is None else {"overlap": protocol.overlap, "tta": protocol.tta, "mode": protocol.blend,
                                           "flip_softmax": protocol.flip_softmax}
-    probs = predict_probabilities(loaded.model, torch.from_numpy(np.ascontiguousarray(array)), loaded.crop, device,
-                                  dtype, **{"overlap": overlap, "tta": tta, **window}, on_window=on_window,
+    spacing = tuple(float(s) for s in reversed(reference.GetSpacing()))  # (z, y, x), as the arrays
+    if log is not None and loaded.spacing is not None:
+        from MedTuningLib.data.spacing import describe, same_spacing
+
+        if not same_spacing(spacing, loaded.spacing):
+            log(f"resampling {describe(spacing)} to the model's working spacing {describe(loaded.spacing)}; "
+                f"the result is on the input's grid")
+    probs = predict_on_input_grid(loaded.model, array, spacing, loaded.spacing, loaded.crop, device, dtype,
+                                  **{"overlap": overlap, "tta": tta, **window}, on_window=on_window,
                                   flip_axes=loaded.manifest.get("flip_axes", (0, 1, 2)))
     class_map = probs.argmax(0).numpy().astype(np.uint8)
     if protocol is not None and protocol.et_min_voxels:

@@ -89,6 +89,12 @@ class LoadedModel:
     def crop(self) -> tuple[int, int, int]:
         return tuple(self.manifest["crop"])  # type: ignore[return-value]
 
+    @property
+    def spacing(self) -> tuple[float, float, float] | None:
+        """The working spacing in array order (z, y, x) mm, or None: native (MedTuningLib/data/spacing.py)."""
+        spacing = self.manifest.get("spacing")
+        return tuple(float(s) for s in reversed(spacing)) if spacing else None  # type: ignore[return-value]
+
 
 def read_model_manifest(folder: Path) -> ModelManifest:
     """The typed ``medtuning.json`` of a model folder (see :class:`MedTuningLib.schema.ModelManifest`)."""

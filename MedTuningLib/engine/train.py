@@ -33,6 +33,7 @@ from MedTuningLib.errors import Cancelled, MedTuningError
 from MedTuningLib.events import EventStream
 from MedTuningLib.fileio import (FileLock, check_output_folder, ensure_writable_dir, read_json, replace_dir,
                                  write_json_atomic)
+from MedTuningLib.data.spacing import to_working_grid
 from MedTuningLib.engine.budget import EpochBudget, adopt_plan
 from MedTuningLib.engine.objectives import learning_rate
 from MedTuningLib.engine.recipe import steps_per_epoch as recipe_steps_per_epoch
@@ -89,6 +90,7 @@ class TrainOptions:
     checkpointing: str = "auto"
     val_every: int = 1
     val_split: str = "val"
+    spacing: str = "auto"  # working spacing: auto | native | X,Y,Z mm (MedTuningLib/data/spacing.py)
     device: str = "auto"
     seed: int = 0
     init_from: Path | None = None
@@ -108,6 +110,9 @@ class TrainOptions:
         adapter = {"alpha": args.alpha, "local_branch": args.local_branch, "global_branch": args.global_branch,
                    "mix": args.mix, "fusion": args.fusion}
         segments = [n.strip() for n in args.segments.split(",") if n.strip()] if args.segments else None
+        from MedTuningLib.data.spacing import parse_spacing_option
+
+        parse_spacing_option(getattr(args, "spacing", None))  # INVALID_OPTION before anything is read or written
         explicit = {k: v for k, v in {"task": args.task, "labels": args.labels, "source_labels": args.source_labels,
                                       "arch": args.arch, "backbone": args.backbone, "method": args.method,
                                       "segments": segments}.items() if v is not None}
@@ -121,7 +126,8 @@ class TrainOptions:
                    weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, loss=args.loss,
                    precision=args.precision, checkpointing=args.checkpointing, val_every=args.val_every,
                    val_split=args.val_split, device=args.device, seed=args.seed, init_from=args.init_from,
-                   resume=args.resume, force=args.force, segments=segments, explicit=explicit)
+                   resume=args.resume, force=args.force, segments=segments, explicit=explicit,
+                   spacing=getattr(args, "spacing", None) or "auto")
 
     def fingerprint(self) -> dict:
         """The settings a resumed run must share with the interrupted one."""
@@ -129,7 +135,7 @@ class TrainOptions:
                 "adapter", "weights", "crop", "batch", "accumulate", "epochs", "steps_per_epoch", "lr",
                 "weight_decay", "warmup_epochs", "loss", "seed", "train_case_ids", "val_case_ids", "segments",
                 "schedule", "epoch_passes", "case_order", "crop_sampling", "intensity_aug", "base_init", "select",
-                "norm_eps", "decoder_init")
+                "norm_eps", "decoder_init", "spacing")
         data = asdict(self)
         result = {k: data[k] for k in keep}
         result["crop"] = list(self.crop)
@@ -537,6 +543,19 @@ class TrainingRun:
                                      f"{modalities}", "train on cases that share the same modalities in the same order")
         return train, val, protocol
 
+    def _working_spacing(self, raw_train: list[dict]) -> tuple[float, float, float] | None:
+        """The model's working spacing (z, y, x) or None (native): a warm start keeps its model's."""
+        from MedTuningLib.data.spacing import describe, parse_spacing_option, working_spacing_for
+
+        if self.parent is not None:
+            spacing = tuple(reversed(self.parent.spacing)) if self.parent.spacing else None
+            origin = "kept from the model it starts from"
+        else:
+            spacing = working_spacing_for(parse_spacing_option(self.opts.spacing), raw_train)
+            origin = {"auto": "from the training cases", "native": "as given"}.get(self.opts.spacing, "as given")
+        self.events.log(f"working spacing {describe(spacing)} ({origin})")
+        return spacing  # type: ignore[return-value]
+
     def _build_model(self, in_channels: int, num_classes: int):
         from MedTuningLib.models import AdapterConfig, ModelConfig, build_model, load_base_weights
 
@@ -659,6 +678,11 @@ class TrainingRun:
             (raw_val if is_val else raw_train).append(
                 read_case_for(case, scheme, cache, allow_empty=is_val, log=events.log, model=opts.init_from))
             events.progress("prepare", i + 1, total_cases)
+        self.spacing = self._working_spacing(raw_train)
+        for case in raw_train + raw_val:  # onto the working grid: images linear, labels nearest
+            case["image"] = to_working_grid(case["image"], case["spacing"], self.spacing)
+            case["label"] = to_working_grid(case["label"], case["spacing"], self.spacing, nearest=True)
+            case["spacing"] = self.spacing or case["spacing"]
         if self.parent is not None:
             # A warm start keeps the model's CT window and statistics: refitting them on the new cases would
             # shift every input the tuned weights were fitted to.
@@ -901,6 +925,7 @@ class TrainingRun:
             "label_scheme": scheme.to_dict(),
             "crop": list(crop),
             "flip_axes": list(flip_axes),
+            "spacing": list(reversed(self.spacing)) if self.spacing is not None else None,
             "parameters": {k: report[k] for k in ("full", "tuned", "inserted", "head") if k in report},
             "recipe": (opts.recipe or {}).get("name", "none"),
             "training_choices": {"loss": opts.loss, "schedule": opts.schedule, "epoch_passes": opts.epoch_passes,
@@ -946,7 +971,7 @@ class TrainingRun:
         """Dice per region on the library's test cases (held out: never trained on nor used for selection),
         recorded in the model folder so that every round is scored on the same cases."""
         from MedTuningLib.engine.evaluate import region_scores
-        from MedTuningLib.engine.infer import predict_probabilities
+        from MedTuningLib.engine.infer import predict_on_input_grid
 
         cases = [c for c in self.library.cases("test") if c.labelled]
         if not cases:
@@ -959,8 +984,9 @@ class TrainingRun:
             raw = read_case_for(case, scheme, self.cache, allow_empty=True, log=self.events.log,
                                 model=self.opts.init_from)
             data = normalise_cases([raw], preprocessing)[0]
-            probs = predict_probabilities(model, torch.from_numpy(data["image"]), crop, device, dtype, overlap=0.25,
-                                          on_window=self.cancel.check)
+            # Scored on the case's own grid, as 'medtuning evaluate' scores it.
+            probs = predict_on_input_grid(model, data["image"], data["spacing"], self.spacing, crop, device, dtype,
+                                          overlap=0.25, on_window=self.cancel.check)
             metrics = region_scores(scheme, probs.argmax(0).numpy(), data["label"][0], data["spacing"], hd95=False)
             scored.append(CaseScores(id=case.id, metrics=metrics))
             self.events.progress("infer", i + 1, len(cases), case=case.id, split="test")
