@@ -32,10 +32,18 @@ def used_widget_names() -> set[str]:
 
 
 def cmake_list(name: str) -> list[str]:
-    text = MODULE_CMAKE.read_text(encoding="utf-8")
-    body = re.search(rf"set\({name}\n(.*?)\n\s*\)", text, re.S)
-    assert body, f"{name} is not set in {MODULE_CMAKE}"
-    return [line.strip() for line in body.group(1).splitlines() if line.strip() and not line.strip().startswith("#")]
+    """A file list of MedTuning/MedTuningFiles.cmake, as CMake itself computes it (``cmake -P``)."""
+    import shutil
+    import subprocess
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed (apt-get install cmake)")
+    done = subprocess.run([cmake, f"-DMEDTUNING_ROOT={ROOT}", "-P", str(ROOT / "MedTuning" / "MedTuningFiles.cmake")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lists = dict(line.split("=", 1) for line in done.stderr.splitlines() if "=" in line)
+    return [item for item in lists[name].split(";") if item]
 
 
 def test_module_compiles(tmp_path):
@@ -108,13 +116,13 @@ def shipped_files() -> tuple[set[str], set[str], set[str]]:
 
 @pytest.mark.parametrize("variable, index", [("MEDTUNING_LIB_SCRIPTS", 0), ("MEDTUNING_LIB_DATA", 1),
                                              ("MODULE_PYTHON_RESOURCES", 2)])
-def test_cmake_names_every_shipped_file(variable, index):
+def test_cmake_ships_every_file_and_not_the_browser_app(variable, index):
     listed = set(cmake_list(variable))
     tree = shipped_files()[index]
-    missing, stale = sorted(tree - listed), sorted(listed - tree)
-    assert not missing and not stale, (
-        f"{MODULE_CMAKE.relative_to(ROOT)} {variable}: add {missing} / remove {stale}\n"
-        + "".join(f"  {p}\n" for p in sorted(tree)))
+    missing, extra = sorted(tree - listed), sorted(listed - tree)
+    assert not missing and not extra, f"MedTuningFiles.cmake {variable}: missing {missing} / not to ship {extra}"
+    assert not any(p.startswith("MedTuningLib/web/") for p in listed)
+    assert "include(${CMAKE_CURRENT_SOURCE_DIR}/MedTuningFiles.cmake)" in MODULE_CMAKE.read_text(encoding="utf-8")
 
 
 def test_cmake_extension_fields():
