@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 
-from conftest import run_cli
 from web_helpers import ROOT, chromium, open_app, require_chromium, shot, web_server
 
 from MedTuningLib.web.access import access_policy, is_loopback
@@ -111,3 +110,16 @@ def test_token_is_required_in_the_browser(tmp_path):
         stranger = browser.new_context().new_page()  # no cookie, no token
         assert stranger.goto(base + "index.html").status == 403
     assert server.proc.returncode == 0
+
+
+def test_upload_names_cannot_leave_the_upload_folder(tmp_path):
+    """A crafted client (not a browser) may send any file name: only its base name is used."""
+    from MedTuningLib.web.logic.scans import _write_uploads
+
+    folder = tmp_path / "uploads" / "one"
+    folder.mkdir(parents=True)
+    written = _write_uploads([{"name": "../../evil.nrrd", "content": b"x"}, {"name": "..\\up.nrrd", "content": b"y"},
+                              {"name": "..", "content": b"z"}, {"name": "CT chest.nrrd", "content": b"w"}], folder)
+    assert [p.name for p in written] == ["evil.nrrd", "up.nrrd", "CT chest.nrrd"]
+    assert all(p.parent == folder for p in written)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["CT chest.nrrd", "evil.nrrd", "up.nrrd"]

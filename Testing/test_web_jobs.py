@@ -3,14 +3,14 @@ hint and load nothing; a fine-tune cancelled from the page stops its backend and
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import run_cli
-from web_helpers import chromium, error_text, open_app, require_chromium, shot, text, wait_for_job, wait_until, web_server
+from web_helpers import (chromium, error_text, open_app, publish_screenshots, require_chromium, shot, text, wait_for_job,
+                         wait_until, web_server)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,12 @@ def app(data, tmp_path_factory):
     status, events = run_cli(["cases", "add", "--library", str(root / "cases"), "--image", str(data / "CTChest4.nrrd"),
                               "--label", str(data / "Segmentation.seg.nrrd"), "--modality", "CT"])
     assert status == 0, events[-1]
-    with web_server(root / "models", root / "cases", root / "home") as server, chromium() as browser:
+    scans = root / "scans" / "incoming"
+    scans.mkdir(parents=True)
+    (scans / "chest CT.nrrd").write_bytes((data / "CTChest4.nrrd").read_bytes())
+    (scans / "Segmentation.seg.nrrd").write_bytes((data / "Segmentation.seg.nrrd").read_bytes())  # not a scan
+    with web_server(root / "models", root / "cases", root / "home", scans=root / "scans") as server, \
+            chromium() as browser:
         page = open_app(browser, server.url)
         yield server, page, root
         page.close()
@@ -57,6 +62,7 @@ def test_bad_uploads_show_the_code_and_load_nothing(app, data, tmp_path):
         assert text(page, "#mt-error-hint"), "the page says what to do"
         assert "none" in text(page, "#mt-volumes")
         shot(page, tmp_path / "screenshots", f"bad-upload-{code}")
+    publish_screenshots(tmp_path / "screenshots")
 
 
 def test_cancel_a_fine_tune_from_the_page(app, tmp_path):
@@ -84,3 +90,16 @@ def test_cancel_a_fine_tune_from_the_page(app, tmp_path):
     assert (models / "stopped.partial").is_dir() and not (models / "stopped").exists()  # resumable, not published
     assert not page.locator("#mt-cancel").count() and page.locator("#mt-fine-tune").is_enabled()
     shot(page, tmp_path / "screenshots", "fine-tune-cancelled")
+
+
+def test_open_a_scan_from_the_server_folder(app):
+    """--scans lists the scans under it (not segmentations) and loads the one picked, with no upload."""
+    server, page, root = app
+    page.click("#mt-tab-scans")
+    page.locator(".v-field:has(#mt-server-file)").click()
+    options = page.locator(".v-overlay .v-list-item").all_inner_texts()
+    assert options == ["incoming/chest CT.nrrd"], options
+    page.locator(".v-overlay .v-list-item", has_text="chest CT").click()
+    page.click("#mt-open-server-file")
+    page.wait_for_function("document.querySelector('#mt-volumes').innerText.includes('chest CT')", timeout=60000)
+    assert not page.locator("#mt-error").count()

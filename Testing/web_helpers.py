@@ -187,3 +187,13 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.2) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+def publish_screenshots(folder: Path) -> None:
+    """Copy the test's screenshots to ``MEDTUNING_WEB_SCREENSHOTS`` when set (docs/screenshots for the README)."""
+    target = os.environ.get("MEDTUNING_WEB_SCREENSHOTS")
+    if not target:
+        return
+    Path(target).mkdir(parents=True, exist_ok=True)
+    for png in sorted(folder.glob("*.png")):
+        shutil.copy(png, Path(target) / png.name)

@@ -65,6 +65,7 @@ class MedTuningWebApp(TrameApp):
         super().__init__(server)
         self.config = config
         self.server.enable_module(trame_slicer_module)
+        self._own_work_dir = config.work_dir is None  # a temporary folder of ours: removed at exit
         work = config.work_dir or Path(tempfile.mkdtemp(prefix="medtuning-web-"))
         work.mkdir(parents=True, exist_ok=True)
         self.work_dir = work
@@ -144,8 +145,10 @@ class MedTuningWebApp(TrameApp):
             shutil.rmtree(folder, ignore_errors=True)
 
     def close(self) -> None:
-        """Stop a running backend job (the server is going away)."""
-        self.jobs.close()
+        """Stop a running backend job (the server is going away) and remove our temporary folder."""
+        stopped = self.jobs.close()
+        if self._own_work_dir and stopped is not False:  # a backend that could not be stopped keeps its files
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 def serve(config: WebConfig, ready: Callable[[str], None], cancel: Any = None) -> None:

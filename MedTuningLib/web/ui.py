@@ -126,6 +126,7 @@ class MedTuningUI:
                         v3.VChip("not pretrained", v_if="!m.pretrained", size="x-small", color="warning",
                                  classes="mr-1", raw_attrs=['data-badge="not-pretrained"'])
                         html.Div("{{ m.task }} · {{ m.modalities.join(', ') }} · {{ m.size }}", classes="text-caption")
+                        html.Div("{{ m.dice }}", v_if="m.dice", classes="text-caption")
                         html.Div("{{ m.problem }}", v_if="m.problem", classes="text-caption text-error")
                         with html.Div():
                             v3.VChip("{{ s.name }}", v_for="s in m.segments", key="s.name", size="x-small",
@@ -170,7 +171,10 @@ class MedTuningUI:
                     id="mt-retune", disabled=("mt_job_running || !mt_model_path || !mt_cases.length",),
                     click=self.retune_clicked)
         v3.VDivider(classes="my-3")
-        html.Div("Fine-tune on my cases", classes="text-subtitle-2 mb-1")
+        html.Div("Fine-tune on my cases", classes="text-subtitle-2")
+        html.Div("{{ mt_cases.length }} case(s); modalities (channel order): "
+                 "{{ [...new Set(mt_cases.map(c => c.modalities))].join(' | ') || 'none yet' }}",
+                 classes="text-caption mb-1", id="mt-train-modalities")
         _field("new model name", "name", id="mt-train-name")
         with html.Div(classes="d-flex"):
             v3.VSelect(label="task", items=("mt_tasks", list(TASKS)), model_value=("mt_train.task",), density="compact",

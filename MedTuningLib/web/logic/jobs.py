@@ -157,7 +157,8 @@ class JobRunner:
         if after is not None:
             after(job)
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Stop the timer and the job; False when a backend process could not be stopped."""
         if self._task is not None:
             self._task.cancel()
-        self.slot.close()
+        return self.slot.close()

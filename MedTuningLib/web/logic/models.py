@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,12 +19,19 @@ def model_row(info: ModelInfo) -> dict:
     """What the list shows for one model folder."""
     weights = info.path / "weights.safetensors"
     size_mb = weights.stat().st_size / 2**20 if weights.is_file() else 0.0
-    tuned = info.summary.get("tuned_params") or info.summary.get("params_tuned")
+    try:  # the parameter counts are not part of the bridge's ModelInfo
+        manifest = json.loads((info.path / "medtuning.json").read_text(encoding="utf-8"))
+        tuned = (manifest.get("parameters") or {}).get("tuned")
+    except (OSError, ValueError, AttributeError):
+        tuned = None
+    best = (info.summary.get("best") or {}) if isinstance(info.summary.get("best"), dict) else {}
+    mean = best.get("dice/mean")
     return {"path": str(info.path), "name": info.name, "task": info.task or "custom",
             "modalities": list(info.modalities), "usable": info.usable, "problem": info.problem,
             "segments": [{"name": s.name, "color": _hex(s.color)} for s in info.segments],
             "pretrained": info.pretrained is not False, "method": info.method, "architecture": info.architecture,
-            "size": f"{size_mb:.1f} MB" + (f" · {int(tuned):,} tuned parameters" if isinstance(tuned, (int, float)) else "")}
+            "size": f"{size_mb:.1f} MB" + (f" · {tuned / 1e6:.2f} M tuned parameters" if isinstance(tuned, (int, float)) else ""),
+            "dice": f"best validation Dice {mean:.3f}" if isinstance(mean, (int, float)) else ""}
 
 
 class ModelsLogic:

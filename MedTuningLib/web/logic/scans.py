@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from trame_slicer.utils import write_client_files_to_dir
+from trame.app.file_upload import ClientFile
 
 from MedTuningLib.errors import MedTuningError
 
@@ -77,7 +77,7 @@ class ScansLogic:
         self.upload_root.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.upload_root))
         try:
-            written = [Path(p) for p in write_client_files_to_dir(files, folder)]
+            written = _write_uploads(files, folder)
             with self.server.state:
                 self._load([(p, p.name) for p in written])
         finally:
@@ -145,6 +145,21 @@ class ScansLogic:
         """The volume node per modality (None where none is chosen)."""
         chosen = self.server.state.mt_inputs or {}
         return [self.app.scene.GetNodeByID(chosen.get(m)) if chosen.get(m) else None for m in modalities]
+
+
+def _write_uploads(files: list[dict], folder: Path) -> list[Path]:
+    """The uploaded files under ``folder``, by their base names only: a name sent as ``../x`` (a
+    crafted client, not a browser) must not write outside the upload folder."""
+    written = []
+    for entry in files:
+        upload = ClientFile(entry)
+        name = Path(str(upload.name).replace("\\", "/")).name
+        if name in ("", ".", ".."):
+            continue
+        path = folder / name
+        path.write_bytes(upload.content)
+        written.append(path)
+    return written
 
 
 def _node_name(file_name: str) -> str:

@@ -60,6 +60,11 @@ class SegmentLogic:
         self.result, self.result_volumes, self.result_model = node, list(volumes), model
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.model_output = export_segmentation(node, self.results_dir / f"{safe_stem(node.GetName())}.seg.nrrd")
+        # Only the new result shows: earlier ones stay in the scene (and in a saved .mrb), hidden.
+        for other in self.app.scene.GetNodesByClass("vtkMRMLSegmentationNode"):
+            display = other.GetDisplayNode()
+            if other is not node and display is not None:
+                display.SetVisibility(False)
         editor = self.app.segmentation_editor
         editor.deactivate_effect()
         editor.set_active_segmentation(node, volumes[0])
