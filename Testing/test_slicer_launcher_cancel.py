@@ -86,7 +86,7 @@ def test_cancel_through_a_launcher_stops_the_real_backend_and_leaves_it_resumabl
     assert not alive(run.pid)
     assert run.running or not alive(real), "a run whose real backend still works is not over"
     assert run.wait(timeout=grace + 30) is not None
-    assert time.monotonic() - t0 < grace + 10 and not alive(real)
+    assert time.monotonic() - t0 < grace + 10 and not alive(real) and not run.backend_alive  # no process left
     assert run.state.cancelled and not run.killed  # ... the STOP file stopped the backend cleanly
     assert (params.workdir() / "state.json").is_file()  # the resume state (engine/train.py STATE_JSON)
     assert not params.out.exists()
