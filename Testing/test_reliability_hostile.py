@@ -540,3 +540,25 @@ def test_provenance_fields_of_a_result_cannot_add_header_lines(tmp_path):
     seg = slicerio.read_segmentation(str(out))
     assert seg["MedTuning_Model"] == "mod\\xe8le \\xe0 moi encoding: raw"
     assert [s["name"] for s in seg["segments"]] == ["Blob"] and seg["voxels"].any()
+
+
+@pytest.mark.parametrize("version", [-5, 1.0, "2", True])
+def test_a_case_library_with_a_format_version_of_the_wrong_type_or_range(version, world, tmp_path, cli):
+    library = tmp_path / "lib"
+    shutil.copytree(world["library"], library)
+    manifest = json.loads((library / "cases.json").read_text(encoding="utf-8"))
+    manifest["format_version"] = version
+    (library / "cases.json").write_text(json.dumps(manifest), encoding="utf-8")
+    before = snapshot(library)
+    assert_refused(cli(["cases", "list", "--library", str(library)]), "LIBRARY_INVALID", "format_version")
+    assert_refused(train(cli, library, tmp_path / "model"), "LIBRARY_INVALID")
+    assert snapshot(library) == before
+    assert_nothing_written(tmp_path / "model")
+
+
+@pytest.mark.parametrize("argv", [["params", "--arch", "vit_upernet", "--alpha", "inf"],
+                                  ["params", "--arch", "vit_upernet", "--backbone-args", "checkpoint_path=x.pth"],
+                                  ["bench", "train", "--crop", "4x99999x99999"]])
+def test_other_commands_share_the_checks(argv, cli):
+    status, events = cli(argv)
+    assert status == 2 and events[-1]["event"] == "error" and events[-1]["code"] in ("USAGE", "UNSAFE_FILE"), events[-1]

@@ -11,12 +11,16 @@ import json
 
 
 def _config(args):
+    from MedTuningLib.engine.train import parse_backbone_args
     from MedTuningLib.models import AdapterConfig, ModelConfig
 
     adapter = AdapterConfig(alpha=args.alpha, local_branch=args.local_branch, global_branch=args.global_branch,
                             mix=args.mix, fusion=args.fusion)
     return ModelConfig(arch=args.arch, backbone=args.backbone, method=args.method, in_channels=args.in_channels,
-                       num_classes=args.classes, img_size=args.img_size, depth=args.depth, adapter=adapter)
+                       num_classes=args.classes, img_size=args.img_size, depth=args.depth, adapter=adapter,
+                       # the size overrides were accepted and ignored; they pass the same allow-list as in train
+                       backbone_kwargs=parse_backbone_args(getattr(args, "backbone_args", None)),
+                       decoder_width=getattr(args, "decoder_width", None))
 
 
 def _table(report: dict) -> str:
