@@ -594,6 +594,10 @@ class ModelManifest:
         if not isinstance(crop, list) or len(crop) != 3 or not all(
                 isinstance(c, int) and not isinstance(c, bool) and 0 < c <= MAX_CROP for c in crop):
             raise bad(f"has a crop {crop!r} that is not three positive sizes up to {MAX_CROP}")
+        flips = data.get("flip_axes") or [0, 1, 2]  # axes of test-time flips: used as array axes
+        if not isinstance(flips, list) or not all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a <= 2
+                                                  for a in flips):
+            raise bad(f"has flip axes {flips!r} that are not among the axes 0, 1, 2")
         base = data["base_weights"]
         if base in (None, "none"):  # older hand-written form of a random base
             base = {"source": "none", "pretrained": False}

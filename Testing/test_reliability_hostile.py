@@ -162,7 +162,9 @@ def test_all_files_of_a_model_folder_have_the_same_permissions(world):
     ("architecture is text", "MODEL_FOLDER_INVALID"), ("backbone_kwargs is text", "INVALID_OPTION"),
     ("alpha is text", "INVALID_OPTION"), ("img_size is huge", "INVALID_OPTION"),
     ("format_version -5", "MODEL_FOLDER_INVALID"), ("format_version 1.0", "MODEL_FOLDER_INVALID"),
-    ("colour NaN", "LABEL_SPEC_INVALID")])
+    ("colour NaN", "LABEL_SPEC_INVALID"), ("CT window text", "MODEL_FOLDER_INVALID"),
+    ("CT mean infinite", "MODEL_FOLDER_INVALID"), ("orientation unknown", "MODEL_FOLDER_INVALID"),
+    ("flip axis 7", "MODEL_FOLDER_INVALID"), ("arch an object", "UNKNOWN_ARCH")])
 def test_model_folder_fields_of_the_wrong_type_or_range(damage, code, world, model_copy, tmp_path, cli):
     def change(data):
         arch = data["architecture"]
@@ -182,8 +184,18 @@ def test_model_folder_fields_of_the_wrong_type_or_range(damage, code, world, mod
             data["format_version"] = -5
         elif damage == "format_version 1.0":
             data["format_version"] = 1.0
-        else:
+        elif damage == "colour NaN":
             data["label_scheme"]["segments"][0]["color"] = ["NaN", 0, 0]
+        elif damage == "CT window text":
+            data["preprocessing"]["ct_clip"] = ["a", "b"]
+        elif damage == "CT mean infinite":
+            data["preprocessing"]["ct_mean"] = float("inf")
+        elif damage == "orientation unknown":
+            data["preprocessing"]["orientation"] = 5
+        elif damage == "flip axis 7":
+            data["flip_axes"] = [7]
+        else:
+            arch["arch"] = {"a": 1}
 
     edit_manifest(model_copy, change)
     out = tmp_path / "r.seg.nrrd"

@@ -53,8 +53,40 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        """The record read from a model folder: every value of the type and range it must have (issue 15:
+        a text or infinite value ended in a traceback, or in silently wrong input to the network)."""
+        import math
+
+        def bad(what: str) -> MedTuningError:
+            return MedTuningError("MODEL_FOLDER_INVALID", f"the preprocessing in medtuning.json {what}",
+                                  "the model folder is damaged or was edited: train it again or copy it again")
+
+        def finite(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not isinstance(data, dict):
+            raise bad("is not an object")
         known = {f for f in cls.__dataclass_fields__}  # readers ignore fields a newer version added
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("modalities", "kinds"):
+            if not isinstance(values.get(key), list) or not all(isinstance(v, str) for v in values[key]):
+                raise bad(f"has '{key}' that are not a list of names")
+        clip = values.get("ct_clip", DEFAULT_CT_CLIP)
+        if not isinstance(clip, (list, tuple)) or len(clip) != 2 or not all(finite(v) for v in clip) \
+                or not clip[0] < clip[1]:
+            raise bad(f"has a CT window {clip!r} that is not two finite numbers, low then high")
+        for key in ("ct_mean", "ct_std"):
+            if values.get(key) is not None and not finite(values[key]):
+                raise bad(f"has a {key} {values[key]!r} that is not a finite number")
+        if values.get("ct_std") is not None and not values["ct_std"] > 0:
+            raise bad(f"has a ct_std {values['ct_std']!r} that is not positive")
+        if values.get("orientation", "native") != "native":
+            raise bad(f"has an orientation {values['orientation']!r}; this MedTuning keeps the native one")
+        spacing = values.get("target_spacing")
+        if spacing is not None and (not isinstance(spacing, list) or len(spacing) != 3
+                                    or not all(finite(v) and v > 0 for v in spacing)):
+            raise bad(f"has a target spacing {spacing!r} that is not three positive sizes")
+        return cls(**values)
 
     @staticmethod
     def guess_kind(name: str, array: np.ndarray | None = None) -> str:

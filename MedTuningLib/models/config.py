@@ -171,10 +171,10 @@ class ModelConfig:
         return kwargs
 
     def validate(self) -> None:
-        if self.arch not in ARCH_DEFAULTS:
+        if not isinstance(self.arch, str) or self.arch not in ARCH_DEFAULTS:
             raise MedTuningError("UNKNOWN_ARCH", f"unknown architecture {self.arch!r}",
                                  f"choose one of {', '.join(ARCH_DEFAULTS)}")
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise MedTuningError("UNKNOWN_METHOD", f"unknown tuning method {self.method!r}",
                                  f"choose one of {', '.join(METHODS)}")
         if self.family == "swin_unetr" and self.method not in CORE_METHODS:
