@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--minutes", type=_positive_float, default=None, help="time budget; stops cleanly when spent")
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None)
     p.add_argument("--batch", type=_positive_int, default=None, help="crops per step (default: as the model was trained)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: as the model was trained)")
+    p.add_argument("--lr", type=_learning_rate, default=None, help="learning rate (default: as the model was trained)")
     p.add_argument("--weights", default=None, help="the model's base-weights FILE when it has moved (sha256 checked)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
