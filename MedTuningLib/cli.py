@@ -432,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=None)
     _add_common(b)
 
+    b = bsub.add_parser("peers", help="MedTuning's segment against nnU-Net's and MONAI's networks on one volume "
+                        "(s / volume, voxels / s, peak memory, one training step)")
+    from MedTuningLib.bench.peers_bench import SYSTEMS, add_shared_options
+
+    b.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated rows: " + ", ".join(SYSTEMS))
+    add_shared_options(b)
+    b.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    _add_common(b)
+
     # compare -------------------------------------------------------------------------------------
     p = sub.add_parser("compare", help="paper-style table from several model folders")
     p.add_argument("models", type=Path, nargs="+", metavar="MODEL_DIR")

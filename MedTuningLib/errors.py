@@ -68,6 +68,9 @@ CATALOGUE: dict[str, ErrorKind] = {
     "WEB_PORT_IN_USE": ErrorKind(EXIT_BAD_INPUT, "The port for 'medtuning web' is taken by another program."),
     "WEB_TOKEN_REQUIRED": ErrorKind(EXIT_BAD_INPUT, "The browser app needs an access token (not on loopback, or none sent)."),
     "WEB_TOKEN_INVALID": ErrorKind(EXIT_BAD_INPUT, "The access token sent to the browser app is wrong."),
+    # --- benchmarks (issue 16) -----------------------------------------------------------------
+    "BENCH_DEPENDENCY_MISSING": ErrorKind(EXIT_BAD_INPUT, "A benchmark row needs an optional package that is not "
+                                          "installed (bench peers: dynamic_network_architectures)."),
     # --- outputs and locks -------------------------------------------------------------------
     "OUTPUT_NOT_WRITABLE": ErrorKind(EXIT_BAD_INPUT, "The output location cannot be written."),
     "OUTPUT_EXISTS": ErrorKind(EXIT_BAD_INPUT, "The output already exists and would be overwritten."),

@@ -5,7 +5,7 @@
 #
 # Writes into OUT_DIR: train-<arch>.json / .md (bench train: tables (a) same settings, (b) own defaults),
 # infer-<arch>.json / .md (bench infer: plain fp32 vs the tuned path, seconds per volume), machine.txt
-# (nvidia-smi, torch) and README.md (everything in one file). Base weights are random (timing only).
+# (nvidia-smi, torch), peers.json / .md (bench peers) and README.md (everything in one file). Base weights are random (timing only).
 # BRATS_CASE (default ../shared/data/brats2015/brats_2013_pat0003_1) gives the real volume for bench infer
 # (Flair + T1c, with its label); without it a synthetic 155x240x240 volume is used.
 set -euo pipefail
@@ -58,6 +58,14 @@ for ARCH in vit_upernet swin_unet; do
     fi
 done
 
+# MedTuning against nnU-Net's 3d_fullres network and MONAI's SwinUNETR / SegResNet, each on its own grid, on a
+# clinical CT grid (PEERS_IMAGE, default a synthetic 200x512x512 volume at 0.72x0.72x1.68 mm: with random
+# weights the cost does not depend on the content). The nnunet row needs dynamic_network_architectures.
+echo "== bench peers" >&2
+PEERS_ARGS=(--device cuda --json "$OUT/peers.json")
+[ -n "${PEERS_IMAGE:-}" ] && PEERS_ARGS+=(--image "$PEERS_IMAGE")
+"$PY" -m MedTuningLib bench peers "${PEERS_ARGS[@]}" > "$OUT/peers.md"
+
 {
     echo "# MedTuning benchmarks on a GPU"
     echo
@@ -72,5 +80,8 @@ done
         echo "## $ARCH: inference"
         cat "$OUT/infer-$ARCH.md"
     done
+    echo
+    echo "## MedTuning and its peers: one clinical-size CT, each on its own grid (bench peers)"
+    cat "$OUT/peers.md"
 } > "$OUT/README.md"
 echo "bench/gpu.sh: tables in $OUT/README.md" >&2

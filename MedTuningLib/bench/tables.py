@@ -49,3 +49,29 @@ def infer_table(result: dict) -> str:
         rows.append({"path": key, "settings": r["settings_text"], "seconds": r["seconds"],
                      "speedup": result["plain"]["seconds"] / r["seconds"], "dice": r.get("dice_mean")})
     return comparison_table(rows, INFER_COLUMNS)[0]
+
+
+PEER_COLUMNS = [
+    Column("system", "system (its usual settings)", None, align="left"),
+    Column("grid", "grid it works on", None, align="left"),
+    Column("window", "window, overlap", None),
+    Column("precision", "precision", None),
+    Column("seconds", "s / volume", False, ".1f"),
+    Column("voxels_per_s", "voxels / s", True, lambda v: f"{v / 1e3:,.0f} k"),
+    Column("peak_mb", "peak memory (MB)", False, ".0f"),
+    Column("train_step_s", "s / training step", False, lambda v: "" if v is None else f"{v:.2f}"),
+]
+
+
+def peers_table(result: dict) -> str:
+    """``bench peers``: one row per system, in the order run."""
+    rows = []
+    for r in result["rows"]:
+        grid = f"{r['grid']}, {r['grid_voxels'] / 1e6:.1f} M voxels"
+        seconds = r["seconds"]
+        rows.append({"system": r["what"] + (" (extrapolated from %d calls)" % r["timed_calls"]
+                                            if r["extrapolated"] else ""),
+                     "grid": grid, "window": f"{'x'.join(map(str, r['window']))}, {r['overlap']:g}",
+                     "precision": r["precision"], "seconds": seconds, "voxels_per_s": r["voxels_per_s"],
+                     "peak_mb": r["peak_mb"], "train_step_s": r.get("train_step_s")})
+    return comparison_table(rows, PEER_COLUMNS)[0]

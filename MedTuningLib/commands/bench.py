@@ -1,4 +1,4 @@
-"""``medtuning bench train|infer``: benchmark tables (docs/method.md "Testing": benchmarks print tables).
+"""``medtuning bench train|infer|peers``: benchmark tables (docs/method.md "Testing": benchmarks print tables).
 
 ``train``: the tuning methods side by side, each in a fresh process, (a) under the same settings and
 (b) each at its own defaults; ``infer``: seconds per volume of the plain fp32 sliding window against
@@ -83,6 +83,8 @@ def run(args, ctx) -> dict:
             events.out.flush()
         return {**results, "tables": tables, "json": str(args.json) if args.json else None}
 
+    if args.bench_command == "peers":
+        return _peers(args, events, ctx.cancel)
     from MedTuningLib.bench.infer_bench import bench_infer
     from MedTuningLib.bench.tables import infer_table
 
@@ -96,5 +98,24 @@ def run(args, ctx) -> dict:
         events.out.write("\n" + table + "\n")
         events.out.write(f"Dice difference (tuned - plain, points): {result['dice_difference_points']:+.3f}; "
                          f"speed-up {result['speedup']:.2f}x\n")
+        events.out.flush()
+    return {**result, "table": table, "json": str(args.json) if args.json else None}
+
+
+def _peers(args, events, cancel) -> dict:
+    from MedTuningLib.bench.peers_bench import bench_peers
+    from MedTuningLib.bench.tables import peers_table
+
+    events.start("bench", device=args.device, bench="peers")
+    result = bench_peers(args, events, cancel)
+    result["machine"] = machine()
+    table = peers_table(result)
+    if args.json:
+        _write_json(args.json, result)
+    if not events.jsonl:
+        load = result["machine"].get("load_avg_1m")
+        events.out.write(f"\nOne volume {'x'.join(map(str, result['config']['size']))}, random weights, no TTA; "
+                         f"each system on its own grid (load average {load} on {result['machine']['cores']} "
+                         "cores)\n\n" + table + "\n")
         events.out.flush()
     return {**result, "table": table, "json": str(args.json) if args.json else None}
