@@ -39,9 +39,16 @@ Jobs (:mod:`.jobs`)
     ``Job`` (``poll()``, ``cancel()``, ``close()``, ``wait()``, ``state``, ``ok``, ``result``,
     ``failure``, ``backend_alive``; its folder outlives no backend process and is kept while one
     lives), ``JobSlot`` (one job at a time; ``start(factory)`` raises ``JobBusy``).
+Batch (:mod:`.batch`)
+    ``BatchSegmentation`` (a ``Job``: each finished scan loads into its own new segmentation node,
+    ``nodes`` / ``failures`` by scan id, ``ScanFailure(code, message, hint)``), ``BatchScanNodes``,
+    ``scene_volumes(context)``, ``study_volumes(context, volume, database)`` and
+    ``dicom_study_uid(volume, database)`` (volumes of one DICOM study via ``slicer.dicomDatabase``).
 Logic (:mod:`.logic`)
     ``MedTuningMrmlLogic(context, settings, python=None, env=None, library_root=None)`` with
     ``start_segmentation(model, volumes, device, tta, output_node)``,
+    ``start_batch_segmentation(model, scans, device, tta, show_3d, on_scan)`` (many scans, one job,
+    one model load; see Batch),
     ``start_add_cases([(volumes, label, split)], modalities, provenance)``,
     ``start_fine_tune(cases, modalities, name, **train)``, ``start_retune(model, epochs, device)``
     (``medtuning retune`` into ``<model>-round<N>``), ``update_curves(state)``; ``results`` maps a
@@ -50,6 +57,8 @@ Logic (:mod:`.logic`)
     drawn on another grid onto the volume's (``on_volume_grid``, ``resampled_to_volume``).
 """
 
+from MedTuningLib.mrml.batch import (BatchScanNodes, BatchSegmentation, ScanFailure, dicom_study_uid, scene_volumes,
+                                     study_volumes)
 from MedTuningLib.mrml.cases import SceneCase, SceneCaseList, check_case_nodes, export_case
 from MedTuningLib.mrml.context import MrmlContext, MrmlError
 from MedTuningLib.mrml.correction import editor_node, modify_segment, oriented_mask, segment_mask
@@ -62,6 +71,7 @@ from MedTuningLib.mrml.nodes import (describe_segments, export_label, export_seg
 from MedTuningLib.mrml.terminology import CONTEXT_NAME, load_medtuning_terminology, loaded_terminology_names
 
 __all__ = [
+    "BatchScanNodes", "BatchSegmentation", "ScanFailure", "dicom_study_uid", "scene_volumes", "study_volumes",
     "CONTEXT_NAME", "CurveNodes", "Job", "JobBusy", "JobSlot", "MedTuningMrmlLogic", "MrmlContext", "MrmlError",
     "SceneCase", "SceneCaseList", "check_case_nodes", "curve_label", "describe_segments", "editor_node",
     "embedded_plot_view_node", "export_case", "export_label", "export_segmentation", "export_volume",

@@ -25,13 +25,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from MedTuningLib.mrml.batch import BatchScanNodes, BatchSegmentation, ScanFailure, scan_volumes
 from MedTuningLib.mrml.cases import export_case
 from MedTuningLib.mrml.context import MrmlContext, MrmlError
 from MedTuningLib.mrml.curves import CurveNodes
 from MedTuningLib.mrml.jobs import Job
 from MedTuningLib.mrml.nodes import export_volume, is_labelmap, is_volume, load_result
 from MedTuningLib.mrml.terminology import load_medtuning_terminology
-from MedTuningLib.slicer_bridge.commands import RetuneParams, SegmentParams, TrainParams, backend_argv
+from MedTuningLib.slicer_bridge.commands import (BatchScan, RetuneParams, SegmentBatchParams, SegmentParams,
+                                                 TrainParams, backend_argv, write_batch_csv)
 from MedTuningLib.slicer_bridge.events import RunState
 from MedTuningLib.slicer_bridge.export import ExportNamer
 from MedTuningLib.slicer_bridge.process import DEFAULT_GRACE_S, BackendProcess, CommandChain
@@ -107,6 +109,53 @@ class MedTuningMrmlLogic:
             return node
 
         return self.job("segment", [params], temp_dir, finish)
+
+    def start_batch_segmentation(self, model: ModelInfo, scans: Sequence[Any], device: str = "auto",
+                                 tta: bool = False, show_3d: bool = True,
+                                 on_scan: Optional[Callable[[BatchScanNodes, Any, Optional[ScanFailure]], None]] = None
+                                 ) -> BatchSegmentation:
+        """Segment many scans in one backend job (the model is loaded once).
+
+        ``scans``: volumes (one-modality models) or one sequence of volumes per scan, in the model's
+        modality order. Each result loads into its own new segmentation node named after the scan's
+        first volume, as soon as the backend reports that scan; a scan the backend refuses is in the
+        job's ``failures`` with its code while the others still load (see :class:`BatchSegmentation`).
+        """
+        if not model.usable:
+            raise MrmlError(f"The model {model.name} cannot be used: {model.problem}")
+        groups = scan_volumes(scans)
+        if not groups:
+            raise MrmlError("No volume to segment: select at least one volume")
+        for volumes in groups:
+            if len(volumes) != len(model.modalities) or any(not is_volume(v) or is_labelmap(v) for v in volumes):
+                names = ", ".join(getattr(v, "GetName", lambda: "?")() for v in volumes)
+                raise MrmlError(f"The model expects {len(model.modalities)} input volume(s) per scan "
+                                f"({', '.join(model.modalities)}), not {names}")
+
+        exported: Dict[str, List[Path]] = {}
+
+        def export_all(temp_dir: Path, namer: ExportNamer) -> Tuple[Path, List[BatchScanNodes]]:
+            nodes = []
+            for volumes in groups:
+                out = namer.path(volumes[0].GetName(), ".seg.nrrd", "scan")
+                scan = BatchScanNodes(out.name[:-len(".seg.nrrd")], list(volumes), out,
+                                      f"{volumes[0].GetName()} {model.name}")
+                exported[scan.id] = [export_volume(v, namer.path(v.GetName(), ".nrrd", "volume")) for v in volumes]
+                nodes.append(scan)
+            listing = write_batch_csv(temp_dir / "batch.csv", [BatchScan(exported[s.id], s.out, s.id) for s in nodes],
+                                      model.modalities)
+            return listing, nodes
+
+        temp_dir, (listing, nodes) = self._exported(export_all)
+        params = SegmentBatchParams(model=model.path, batch_list=listing, tta=tta, device=device)
+
+        def load(scan: BatchScanNodes) -> Any:
+            node = load_result(self.context, scan.out, scan.volumes[0], None, scan.name, show_3d)
+            self._remember_result(node, model.path, scan.out)
+            return node
+
+        chain = CommandChain([lambda: self.process(params, temp_dir / "work0", temp_dir)]).start()
+        return BatchSegmentation(chain, temp_dir, self.context, nodes, load, on_scan)
 
     def _remember_result(self, node: Any, model: Path, result: Path) -> None:
         """Keep the model's result file (the job folder goes) for the correction effort of a later add."""
