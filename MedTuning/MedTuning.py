@@ -48,8 +48,9 @@ LIBRARY_ROOT = _find_library_root()
 if LIBRARY_ROOT not in sys.path:
     sys.path.insert(0, LIBRARY_ROOT)
 
-from MedTuningLib.mrml import (Job, JobBusy, JobSlot, MedTuningMrmlLogic, MrmlContext, MrmlError,  # noqa: E402
-                               SceneCaseList, embedded_plot_view_node)
+from MedTuningLib.mrml import (BatchSegmentation, Job, JobBusy, JobSlot, MedTuningMrmlLogic,  # noqa: E402
+                               MrmlContext, MrmlError, SceneCaseList, embedded_plot_view_node, scene_volumes,
+                               study_volumes)
 from MedTuningLib.slicer_bridge.commands import ARCHS, METHODS  # noqa: E402
 from MedTuningLib.slicer_bridge.settings import (BridgeSettings, DependencyReport, ModelInfo,  # noqa: E402
                                                  backend_environment, default_backend_python, discover_models,
@@ -59,6 +60,8 @@ from MedTuningLib.slicer_bridge.settings import (BridgeSettings, DependencyRepor
 SETTINGS_PREFIX = "MedTuning/"
 MAX_MODALITIES = 4
 POLL_INTERVAL_MS = 250
+#: ``segmentScopeComboBox`` entries: the inputs above, every scene volume, the input's DICOM study
+SCOPE_INPUTS, SCOPE_SCENE, SCOPE_STUDY = 0, 1, 2
 CASE_KEY_ROLE = qt.Qt.UserRole  # a table row names its scene case by key, never by position
 
 
@@ -264,6 +267,7 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadModelButton.clicked.connect(self.onLoadModelFolder)
         self.ui.refreshModelsButton.clicked.connect(self.refreshModels)
         self.ui.segmentButton.clicked.connect(self.onSegmentButton)
+        self.ui.segmentScopeComboBox.currentIndexChanged.connect(self.updateButtons)
         self.ui.addSceneCaseButton.clicked.connect(self.onAddSceneCase)
         self.ui.removeCaseButton.clicked.connect(self.onRemoveSceneCase)
         self.ui.reloadCasesButton.clicked.connect(self.refreshCases)
@@ -579,9 +583,10 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         model = self.currentModel()
         needed = len(model.modalities) if model else 0
         inputsSet = needed > 0 and all(s.currentNode() for s in self._inputSelectors()[:needed])
+        batch = self.ui.segmentScopeComboBox.currentIndex == SCOPE_SCENE  # needs no input selected
         self.ui.segmentButton.enabled = (running and job.kind == "segment") or (
-            not running and bool(model and model.usable and inputsSet))
-        self.ui.segmentButton.toolTip = "" if inputsSet else _("Choose a model and its input volume(s)")
+            not running and bool(model and model.usable and (inputsSet or batch)))
+        self.ui.segmentButton.toolTip = "" if inputsSet or batch else _("Choose a model and its input volume(s)")
         hasCases = bool(self._sceneCases.cases) or bool(self.ui.casesTable.rowCount)
         self.ui.finetuneButton.enabled = (running and job.kind == "train") or (not running and hasCases)
         self.ui.weightsPathLineEdit.enabled = self.ui.weightsComboBox.currentText == "file"
@@ -634,6 +639,9 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         bar, label = self._progressWidgets(job.kind)
         bar.value = int(round(state.progress * 100))
         label.text = job.step_text() + state.status_text
+        if isinstance(job, BatchSegmentation):  # the bar counts scans; the text is the current scan's step
+            bar.value = int(round(100 * job.done_count / max(1, len(job.scans))))
+            label.text = f"[{job.done_count}/{len(job.scans)}] " + state.status_text
         if job.kind in ("train", "retune") and any(e.get("event") == "metric" for e in events):
             chart = self.logic.mrml.update_curves(state)
             self.plotWidget.mrmlPlotViewNode().SetPlotChartNodeID(chart.GetID())
@@ -645,6 +653,16 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _jobFinished(self, job: Job, label) -> None:
         state = job.state
+        if isinstance(job, BatchSegmentation) and not job.cancel_requested:
+            label.text = _("Segmented {done} of {total} scan(s).").format(done=len(job.result or []),
+                                                                       total=len(job.scans))
+            if job.failure:  # each failed scan with its code and message
+                label.text += "\n" + job.failure
+                logging.error("MedTuning batch segmentation: %s", job.failure)
+            if job.result:
+                self.ui.segmentEditorWidget.setSegmentationNode(job.result[0])
+                self.ui.segmentEditorWidget.setSourceVolumeNode(job.scans[0].volumes[0])
+            return
         if job.ok:
             if job.kind == "segment":
                 label.text = _("Done: {name}").format(name=job.result.GetName())
@@ -678,8 +696,27 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         model = self.currentModel()
         volumes = [s.currentNode() for s in self._inputSelectors()[:len(model.modalities)]]
         p = self._parameterNode
+        scope = self.ui.segmentScopeComboBox.currentIndex
+        if scope in (SCOPE_SCENE, SCOPE_STUDY):
+            self._startJob(lambda: self.logic.mrml.start_batch_segmentation(model, self._batchVolumes(model, scope),
+                                                                            p.device, p.tta))
+            return
         self._startJob(lambda: self.logic.mrml.start_segmentation(model, volumes, p.device, p.tta,
                                                                   p.outputSegmentation))
+
+    def _batchVolumes(self, model: ModelInfo, scope: int) -> list:
+        """One scan per volume: every volume of the scene, or of the first input volume's DICOM study."""
+        if len(model.modalities) != 1:
+            raise MrmlError(_("Segmenting many volumes at once needs a one-modality model; segment "
+                              "multi-modality scans one at a time with their volumes chosen above."))
+        if scope == SCOPE_SCENE:
+            return scene_volumes(self.logic.context)
+        volume = self._parameterNode.inputVolume1
+        volumes = study_volumes(self.logic.context, volume, getattr(slicer, "dicomDatabase", None)) if volume else []
+        if not volumes:
+            raise MrmlError(_("The input volume was not loaded from Slicer's DICOM database: load its study in "
+                              "the DICOM module, or choose 'Every volume in the scene'."))
+        return volumes
 
     def _trainSettings(self) -> dict:
         p = self._parameterNode
