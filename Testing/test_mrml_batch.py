@@ -83,3 +83,38 @@ def test_batch_of_scene_volumes_one_job_one_model_load(model, tmp_path):
         assert node.GetID() in logic.results  # kept for a later correction case
     assert ctx.temp_root is not None and not any(p.name.startswith("MedTuning-") and (p / "batch.csv").exists()
                                                  for p in ctx.temp_root.iterdir())  # the job folder is gone
+
+
+def test_two_modality_batch_one_volume_per_modality_per_scan(tmp_path):
+    from conftest import run_cli
+
+    from MedTuningLib.mrml import MedTuningMrmlLogic, describe_segments
+    from MedTuningLib.slicer_bridge.settings import BridgeSettings, read_model_info
+
+    library = tmp_path / "library"
+    files = {}
+    for i in range(2):
+        image, label = write_blob_case(tmp_path / "src", f"case{i}", seed=40 + i)
+        second = tmp_path / "src" / f"case{i}-t2.nrrd"
+        img = sitk.ReadImage(str(image))
+        sitk.WriteImage(sitk.Cast(200.0 - img, sitk.sitkFloat32), str(second))  # a second contrast, same grid
+        files[i] = (image, second)
+        status, events = run_cli(["cases", "add", "--library", str(library), "--image", str(image), "--image",
+                                  str(second), "--modality", "T1", "--modality", "T2", "--label", str(label),
+                                  "--split", "train", "--id", f"case{i}"])
+        assert status == 0, events[-2:]
+    status, events = run_cli(["train", "--library", str(library), "--out", str(tmp_path / "model2"), "--labels",
+                              "Blob=1", *TINY_TRAIN, "--epochs", "1", "--steps-per-epoch", "1", "--seed", "1"])
+    assert status == 0, events[-3:]
+    info = read_model_info(tmp_path / "model2")
+    assert info.modalities == ["T1", "T2"]
+
+    ctx = new_context(tmp_path)
+    scans = [[read_volume(ctx, files[i][0], f"scan{i} T1"), read_volume(ctx, files[i][1], f"scan{i} T2")]
+             for i in range(2)]
+    logic = MedTuningMrmlLogic(ctx, BridgeSettings(device="cpu"), python=sys.executable, library_root=ROOT)
+    job = logic.start_batch_segmentation(info, scans, device="cpu", show_3d=False)
+    assert job.wait(timeout=240)
+    assert job.ok, job.failure or job.state.error_message
+    assert [n.GetName() for n in job.result] == [f"scan0 T1 {info.name}", f"scan1 T1 {info.name}"]
+    assert all([d["name"] for d in describe_segments(n)] == ["Blob"] for n in job.result)
