@@ -416,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated tuning methods")
     b.add_argument("--steps", type=_positive_int, default=5, help="timed steps per method (after warm-up)")
     b.add_argument("--warmup", type=_positive_int, default=2)
+    b.add_argument("--repeats", type=_positive_int, default=1,
+                   help="run every method N times, interleaved (A B C A B C ...), each in a fresh process; report "
+                        "medians and the ratios' spread")
     b.add_argument("--device", choices=DEVICES, default="auto")
     b.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     _add_common(b)

@@ -21,16 +21,27 @@ TRAIN_COLUMNS = [
 ]
 
 
+def _spread(values) -> str:
+    return "" if not values else f"{values[0]:.2f}–{values[1]:.2f}"
+
+
+SPREAD_COLUMNS = [Column("time_spread", "time / full, spread", None, _spread),
+                  Column("memory_spread", "memory / full, spread", None, _spread)]
+
+
 def train_table(figures: dict[str, dict]) -> str:
-    """One table (``same_settings`` or ``defaults``) as Markdown."""
+    """One table (``same_settings`` or ``defaults``) as Markdown; with repeats, medians and the ratios' spread
+    (min–max over the repeats)."""
     rows = []
     for method, f in figures.items():
         s = f.get("settings", {})
         rows.append({"method": method, "tuned_m": f["tuned"] / 1e6, "precision": s.get("precision"),
                      "checkpointing": "on" if s.get("checkpointing") else "off", "step_s": f["step_s"],
                      "time_ratio": f.get("time_ratio"), "peak_mb": f["peak_mb"],
-                     "memory_ratio": f.get("memory_ratio")})
-    return comparison_table(rows, TRAIN_COLUMNS)[0]
+                     "memory_ratio": f.get("memory_ratio"), "time_spread": f.get("time_ratio_spread"),
+                     "memory_spread": f.get("memory_ratio_spread")})
+    repeated = any(f.get("repeats", 1) > 1 for f in figures.values())
+    return comparison_table(rows, TRAIN_COLUMNS + (SPREAD_COLUMNS if repeated else []))[0]
 
 
 INFER_COLUMNS = [

@@ -241,23 +241,54 @@ def bench_train(args, events, cancel=None) -> dict:
             else:
                 settings = FULL_DEFAULTS if method == "full" else TRAIN_DEFAULTS
             plan.append((table, method, worker_argv(args, method, settings)))
-    runs: dict[tuple, dict] = {}  # identical worker command lines run once
-    unique = list(dict.fromkeys(tuple(argv) for _, _, argv in plan))
-    results: dict[str, dict] = {"same_settings": {}, "defaults": {}}
-    for table, method, argv in plan:
-        key = tuple(argv)
-        if key not in runs:
-            events.progress("bench", len(runs), len(unique))
-            events.log(f"bench train: {method} ({table.replace('_', ' ')})")
-            runs[key] = run_in_subprocess(list(argv), cancel)
-            r = runs[key]
-            events.log(f"  {method}: {r['step_s']:.2f} s/step, peak {r['peak_mb']:.0f} MB "
-                       f"({r['settings']['precision']}, checkpointing {'on' if r['settings']['checkpointing'] else 'off'})")
-        results[table][method] = dict(runs[key])
-    events.progress("bench", len(unique), len(unique))
-    for table in results.values():
-        add_ratios(table)
-    return results
+    unique = list(dict.fromkeys(tuple(argv) for _, _, argv in plan))  # identical worker command lines run once
+    repeats = max(1, int(getattr(args, "repeats", 1) or 1))
+    # Repeats interleave the methods (A B C A B C ...), each run in a fresh process, so a slow spell of a shared
+    # machine falls on every method rather than on one; ratios are taken within a repeat, then their median.
+    rounds: list[dict[str, dict]] = []
+    done = 0
+    for repeat in range(repeats):
+        runs: dict[tuple, dict] = {}
+        results: dict[str, dict] = {"same_settings": {}, "defaults": {}}
+        for table, method, argv in plan:
+            key = tuple(argv)
+            if key not in runs:
+                events.progress("bench", done, len(unique) * repeats)
+                events.log(f"bench train: {method} ({table.replace('_', ' ')})"
+                           + (f", repeat {repeat + 1} of {repeats}" if repeats > 1 else ""))
+                runs[key] = run_in_subprocess(list(argv), cancel)
+                done += 1
+                r = runs[key]
+                events.log(f"  {method}: {r['step_s']:.2f} s/step, peak {r['peak_mb']:.0f} MB "
+                           f"({r['settings']['precision']}, checkpointing {'on' if r['settings']['checkpointing'] else 'off'})")
+            results[table][method] = dict(runs[key])
+        for table in results.values():
+            add_ratios(table)
+        rounds.append(results)
+    events.progress("bench", done, done)
+    return rounds[0] if repeats == 1 else combine_repeats(rounds)
+
+
+def combine_repeats(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per table and method: the median of the repeats' step time, peak memory and ratios to full (each ratio
+    taken within its repeat), with the ratios' spread (min, max) and every repeat's figures."""
+    combined: dict[str, dict] = {}
+    for table in rounds[0]:
+        combined[table] = {}
+        for method in rounds[0][table]:
+            runs = [r[table][method] for r in rounds]
+            figures = dict(runs[0])
+            figures["repeats"] = len(runs)
+            for key in ("step_s", "peak_mb", "time_ratio", "memory_ratio"):
+                values = [run[key] for run in runs if run.get(key) is not None]
+                if not values:
+                    continue
+                figures[key] = round(statistics.median(values), 4)
+                figures[key + "_runs"] = values
+                if key.endswith("ratio"):
+                    figures[key + "_spread"] = [min(values), max(values)]
+            combined[table][method] = figures
+    return combined
 
 
 def main(argv: list[str] | None = None) -> int:

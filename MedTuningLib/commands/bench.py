@@ -63,7 +63,8 @@ def run(args, ctx) -> dict:
         results["model_files"] = model_files(args, ctx)
         results["config"] = {"arch": args.arch, "backbone": args.backbone, "crop": list(args.crop),
                              "batch": args.batch, "in_channels": args.in_channels, "classes": args.classes,
-                             "steps": args.steps, "warmup": args.warmup, "same_settings": dict(SAME_SETTINGS),
+                             "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+                             "same_settings": dict(SAME_SETTINGS),
                              "base_weights": "random (timing only)"}
         results["machine"] = machine()
         tables = {"same_settings": train_table(results["same_settings"]), "defaults": train_table(results["defaults"])}
