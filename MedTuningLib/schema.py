@@ -154,7 +154,9 @@ class Provenance:
     _KNOWN = ("from", "added", "source", "from_model", "model_output", "effort")
 
     def to_dict(self) -> Dict[str, Any]:
-        data: Dict[str, Any] = {**self.extra, "added": self.added, "from": self.kind, "source": self.source}
+        data: Dict[str, Any] = {**self.extra, "from": self.kind, "source": self.source}
+        if self.added:  # a case of an older library may not say when it was added: keep it unsaid
+            data["added"] = self.added
         if self.from_model is not None:
             data["from_model"] = self.from_model
         if self.model_output is not None:
