@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	# nnU-Net's networks for `bench peers`, without its timm<1.0.23 pin (see pyproject.toml)
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt dynamic_network_architectures
 	touch $(STAMP)
 
 venv: $(STAMP)
