@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 
 import pytest
 import torch
@@ -27,10 +28,22 @@ def _done(events):
 def test_bench_train_end_to_end(cli, tmp_path):
     out = tmp_path / "train.json"
     status, events = cli(["bench", "train", *TINY, "--batch", "1", "--in-channels", "2", "--classes", "3",
-                          "--methods", "full,med_tuning", "--steps", "1", "--warmup", "1", "--json", str(out)])
+                          "--methods", "full,med_tuning", "--steps", "1", "--warmup", "1", "--repeats", "2",
+                          "--json", str(out)])
     assert status == 0, events
     outputs = _done(events)
     data = json.loads(out.read_text(encoding="utf-8"))
+    # --repeats: the methods run interleaved (A B A B, each in a fresh process), medians with their spread.
+    assert data["config"]["repeats"] == 2
+    logs = [e["message"] for e in events if e["event"] == "log" and e["message"].startswith("bench train:")]
+    order = [m.split(":")[1].split("(")[0].strip() for m in logs if "same settings" in m]
+    assert order == ["full", "med_tuning", "full", "med_tuning"]  # interleaved, not A A B B
+    med = data["same_settings"]["med_tuning"]
+    assert med["repeats"] == 2 and len(med["time_ratio_runs"]) == 2
+    assert med["time_ratio"] == round(statistics.median(med["time_ratio_runs"]), 4)
+    low, high = med["time_ratio_spread"]
+    assert low <= med["time_ratio"] <= high
+    assert "spread" in outputs["tables"]["same_settings"].splitlines()[0]
     for table in ("same_settings", "defaults"):
         assert set(data[table]) == {"full", "med_tuning"}
         for method, figures in data[table].items():

@@ -3,13 +3,7 @@ within each repeat, with their spread. A benchmark, not a timed test: no speed i
 
 from __future__ import annotations
 
-import json
-import statistics
-
 from MedTuningLib.bench.train_bench import combine_repeats
-
-TINY = ["--arch", "vit_upernet", "--backbone", "vit_tiny_patch16_224", "--crop", "2x32x32", "--device", "cpu"]
-
 
 def test_ratios_are_taken_within_a_repeat_then_their_median():
     def run(full, med):
@@ -26,22 +20,4 @@ def test_ratios_are_taken_within_a_repeat_then_their_median():
     assert med["step_s"] == 0.8 and med["step_s_runs"] == [0.7, 1.4, 0.8]
     assert combined["full"]["time_ratio"] == 1.0 and combined["full"]["time_ratio_spread"] == [1.0, 1.0]
 
-
-def test_bench_train_repeats_end_to_end(cli, tmp_path):
-    out = tmp_path / "train.json"
-    status, events = cli(["bench", "train", *TINY, "--batch", "1", "--in-channels", "1", "--classes", "2",
-                          "--methods", "full,med_tuning", "--steps", "1", "--warmup", "1", "--repeats", "2",
-                          "--json", str(out)])
-    assert status == 0, events[-3:]
-    data = json.loads(out.read_text(encoding="utf-8"))
-    assert data["config"]["repeats"] == 2
-    logs = [e["message"] for e in events if e["event"] == "log" and e["message"].startswith("bench train:")]
-    order = [m.split(":")[1].split("(")[0].strip() for m in logs if "same settings" in m]
-    assert order == ["full", "med_tuning", "full", "med_tuning"]  # interleaved, not A A B B
-    med = data["same_settings"]["med_tuning"]
-    assert med["repeats"] == 2 and len(med["time_ratio_runs"]) == 2
-    assert med["time_ratio"] == round(statistics.median(med["time_ratio_runs"]), 4)
-    low, high = med["time_ratio_spread"]
-    assert low <= med["time_ratio"] <= high
-    done = [e for e in events if e["event"] == "done"][-1]
-    assert "spread" in done["outputs"]["tables"]["same_settings"].splitlines()[0]
+# The end-to-end run of --repeats is part of test_bench.py::test_bench_train_end_to_end.
