@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from MedTuningLib.bench.train_bench import combine_repeats
 
+
 def test_ratios_are_taken_within_a_repeat_then_their_median():
     def run(full, med):
         return {"same_settings": {"full": {"step_s": full, "peak_mb": 100.0, "time_ratio": 1.0, "memory_ratio": 1.0,
