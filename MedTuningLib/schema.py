@@ -69,7 +69,7 @@ def _extra(data: Mapping[str, Any], known: tuple) -> Dict[str, Any]:
     return {k: v for k, v in data.items() if k not in known}
 
 
-def _number(value: Any) -> Optional[float]:
+def finite_number(value: Any) -> Optional[float]:
     """A finite float, or None for null / NaN / text."""
     if value is None or isinstance(value, bool):
         return None
@@ -128,12 +128,12 @@ class SegmentEffort:
             raise ValueError("a correction effort entry is not an object")
 
         def whole(key: str) -> int:
-            value = _number(data.get(key))
+            value = finite_number(data.get(key))
             return int(value) if value is not None else 0
 
-        return cls(dice=_number(data.get("dice")), voxels_added=whole("voxels_added"),
-                   voxels_removed=whole("voxels_removed"), mm3_added=_number(data.get("mm3_added")) or 0.0,
-                   mm3_removed=_number(data.get("mm3_removed")) or 0.0, model_voxels=whole("model_voxels"),
+        return cls(dice=finite_number(data.get("dice")), voxels_added=whole("voxels_added"),
+                   voxels_removed=whole("voxels_removed"), mm3_added=finite_number(data.get("mm3_added")) or 0.0,
+                   mm3_removed=finite_number(data.get("mm3_removed")) or 0.0, model_voxels=whole("model_voxels"),
                    corrected_voxels=whole("corrected_voxels"), extra=_extra(data, cls._KNOWN))
 
 
@@ -300,8 +300,8 @@ class CaseScores:
         metrics = data.get("metrics") or {}
         if not isinstance(metrics, Mapping):
             raise ValueError(f"the scores of case {data['id']!r} are not an object")
-        return cls(id=data["id"], metrics={str(k): _number(v) for k, v in metrics.items()},
-                   seconds=_number(data.get("seconds")), extra=_extra(data, cls._KNOWN))
+        return cls(id=data["id"], metrics={str(k): finite_number(v) for k, v in metrics.items()},
+                   seconds=finite_number(data.get("seconds")), extra=_extra(data, cls._KNOWN))
 
 
 def summarise_scores(cases: List[CaseScores]) -> Dict[str, Dict[str, Any]]:
@@ -345,7 +345,7 @@ class EvaluationReport:
     def mean(self, metric: str) -> Optional[float]:
         """The mean over cases of ``metric`` (e.g. ``"dice/Spleen"``), or None."""
         entry = self.summary.get(metric)
-        return _number(entry.get("mean")) if isinstance(entry, Mapping) else _number(entry)
+        return finite_number(entry.get("mean")) if isinstance(entry, Mapping) else finite_number(entry)
 
     def to_dict(self) -> Dict[str, Any]:
         data = {**self.extra, "format_version": FORMAT_VERSION, "model": self.model, "library": self.library,
@@ -417,13 +417,13 @@ class RoundRecord:
             raise MedTuningError("MODEL_FOLDER_INVALID", f"{where}: a history entry is not an object",
                                  "the model folder is damaged: train it again or copy it again")
         test = data.get("test")
-        epochs = _number(data.get("epochs"))
+        epochs = finite_number(data.get("epochs"))
         effort = data.get("effort")
-        return cls(round=int(_number(data.get("round")) or 0), model=str(data.get("model") or ""),
+        return cls(round=int(finite_number(data.get("round")) or 0), model=str(data.get("model") or ""),
                    created=str(data.get("created") or ""),
                    init_from=str(data["init_from"]) if data.get("init_from") else None,
                    train_cases=_str_list(data.get("train_cases")), new_cases=_str_list(data.get("new_cases")),
-                   epochs=int(epochs) if epochs is not None else None, seconds=_number(data.get("seconds")),
+                   epochs=int(epochs) if epochs is not None else None, seconds=finite_number(data.get("seconds")),
                    test=EvaluationReport.from_dict(test, where) if isinstance(test, Mapping) else None,
                    effort=dict(effort) if isinstance(effort, Mapping) else {}, extra=_extra(data, cls._KNOWN))
 
@@ -484,10 +484,10 @@ class TrainingSummary:
     def from_dict(cls, data: Any) -> "TrainingSummary":
         if not isinstance(data, Mapping):
             return cls()
-        epochs, best_epoch = _number(data.get("epochs")), _number(data.get("best_epoch"))
+        epochs, best_epoch = finite_number(data.get("epochs")), finite_number(data.get("best_epoch"))
         best = data.get("best")
-        return cls(epochs=int(epochs) if epochs is not None else None, seconds=_number(data.get("seconds")),
-                   peak_memory_mb=_number(data.get("peak_memory_mb")),
+        return cls(epochs=int(epochs) if epochs is not None else None, seconds=finite_number(data.get("seconds")),
+                   peak_memory_mb=finite_number(data.get("peak_memory_mb")),
                    best=dict(best) if isinstance(best, Mapping) else {},
                    best_epoch=int(best_epoch) if best_epoch is not None else None,
                    library=str(data.get("library") or ""), train_cases=_str_list(data.get("train_cases")),
@@ -620,7 +620,7 @@ class ModelManifest:
             raise bad("has 'parameters' that are not an object")
         counts = {}
         for key, value in params.items():
-            number = _number(value)
+            number = finite_number(value)
             if number is None:
                 raise bad(f"has a non-numeric parameter count {key!r}")
             counts[str(key)] = int(number)
@@ -629,7 +629,7 @@ class ModelManifest:
             raise bad("has a 'training' that is not an object")
         spacing = data.get("spacing")
         if spacing is not None:
-            values = [_number(v) for v in spacing] if isinstance(spacing, list) else []
+            values = [finite_number(v) for v in spacing] if isinstance(spacing, list) else []
             if len(values) != 3 or not all(v is not None and 0 < v < 1000 for v in values):
                 raise bad(f"has a working spacing {spacing!r} that is not three sizes in mm")
             spacing = [float(v) for v in values]

@@ -18,7 +18,6 @@ With ``--out`` the table is also written as ``compare.md``, ``compare.csv`` and 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,7 +26,7 @@ from MedTuningLib.errors import MedTuningError
 from MedTuningLib.fileio import (ensure_writable_dir, read_json, refuse_to_replace, write_bytes_atomic,
                                  write_json_atomic)
 from MedTuningLib.reports.tables import Column, comparison_table
-from MedTuningLib.schema import ModelManifest
+from MedTuningLib.schema import ModelManifest, finite_number
 
 MANIFEST = "medtuning.json"
 
@@ -56,23 +55,13 @@ def _invalid(folder: Path, what: str) -> MedTuningError:
                           "restore a broken one", path=str(folder))
 
 
-def _number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _means(summary: Mapping[str, Any]) -> dict[str, float | None]:
     """``{"dice/kidney": {"mean": .9, ...}}`` or ``{"dice/kidney": .9}`` -> ``{"dice/kidney": .9}``."""
     out: dict[str, float | None] = {}
     for key, entry in summary.items():
         if not isinstance(key, str) or "/" not in key:
             continue
-        out[key] = _number(entry.get("mean")) if isinstance(entry, Mapping) else _number(entry)
+        out[key] = finite_number(entry.get("mean")) if isinstance(entry, Mapping) else finite_number(entry)
     return out
 
 
