@@ -22,10 +22,15 @@ from MedTuningLib import __version__
 from MedTuningLib.cancel import CancelToken
 from MedTuningLib.errors import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, Cancelled,
                                  MedTuningError)
+from MedTuningLib.engine.windows import (DEFAULT_OVERLAP, INFERENCE_PRECISIONS, TRAIN_PRECISIONS, describe_overlap,
+                                         parse_overlap)
 from MedTuningLib.events import EventStream
 from MedTuningLib.schema import ARCHS, LABELLED_SPLITS, METHODS, PROVENANCES, SOURCE_LABELS, SPLITS, TASKS
 
 DEVICES = ("auto", "cpu", "cuda")
+OVERLAP_HELP = (f"sliding-window overlap: one fraction for every axis or one per window axis D,H,W "
+                f"(default {describe_overlap(DEFAULT_OVERLAP)})")
+INFERENCE_PRECISION_HELP = "auto: bf16 where the device has it, else fp32; int8: int8 Linear layers (CPU only)"
 MAX_SIZE = 4096  # voxels along one axis of a crop: beyond any scanner's matrix
 
 
@@ -116,11 +121,11 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _overlap(text: str) -> float:
-    value = _finite(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, not {text}")
-    return value
+def _overlap(text: str) -> float | tuple[float, float, float]:
+    try:
+        return parse_overlap(text)
+    except MedTuningError as error:
+        raise argparse.ArgumentTypeError(error.hint) from error
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -218,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-init", choices=("default", "trunc_normal"), default="default",
                    help="decoder Linear/LayerNorm initialisation: PyTorch's (default) or truncated normal 0.02 "
                         "(official Swin-UNet)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    p.add_argument("--precision", choices=TRAIN_PRECISIONS, default="auto",
                    help="autocast precision (auto: bf16 where the device supports it)")
     p.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
                    help="activation checkpointing of frozen blocks")
@@ -267,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--library", type=Path, required=True)
     p.add_argument("--top", type=_positive_int, default=None, help="list only the K most uncertain scans")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto", help=INFERENCE_PRECISION_HELP)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--json", action="store_true")
     _add_common(p)
@@ -299,14 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results of a --batch-list folder: .seg.nrrd, DICOM SEG (.dcm), or both")
     p.add_argument("--labelmap", type=Path, default=None, help="also write a labelmap (e.g. .nii.gz)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap (0..1)")
+    p.add_argument("--overlap", type=_overlap, default=DEFAULT_OVERLAP, help=OVERLAP_HELP)
     p.add_argument("--protocol", choices=("project", "paper"), default="project",
                    help="paper: the official inference (windows at stride crop/3, uniform averaging, 8-flip TTA, "
                         "BraTS ET < 500 voxels -> necrosis, fp32); implies --tta, excludes --overlap")
     p.add_argument("--min-component", type=_non_negative_int, default=0,
                    help="remove connected components smaller than this many voxels (0: keep all)")
     p.add_argument("--weights", default=None, help="base-weights file, when not where the model folder recorded")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto", help=INFERENCE_PRECISION_HELP)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     _add_common(p)
@@ -319,12 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None, help="folder for report.json / report.md / report.html")
     p.add_argument("--force", action="store_true", help="replace an earlier report in --report")
     p.add_argument("--tta", action="store_true")
-    p.add_argument("--overlap", type=_overlap, default=0.5)
+    p.add_argument("--overlap", type=_overlap, default=DEFAULT_OVERLAP, help=OVERLAP_HELP)
     p.add_argument("--protocol", choices=("project", "paper"), default="project",
                    help="paper: the official evaluation (stride crop/3 windows, uniform averaging, 8-flip TTA, "
                         "ET < 500 voxels -> necrosis, HD95 of regions absent from both left out, fp32)")
     p.add_argument("--weights", default=None)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto", help=INFERENCE_PRECISION_HELP)
     p.add_argument("--device", choices=DEVICES, default="auto")
     _add_common(p)
 
@@ -431,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=_crop, default=None, help="synthetic volume size DxHxW when no --image")
     b.add_argument("--crop", type=_crop, default=(16, 128, 128))
     b.add_argument("--repeats", type=_positive_int, default=2)
+    b.add_argument("--variant", action="append", default=None, metavar="SPEC",
+                   help="time settings of the tuned path instead of plain vs tuned, each against the first, e.g. "
+                        "--variant overlap=0.5 --variant \"overlap=0.25,0,0 precision=int8\" (keys: overlap, "
+                        "precision, sw_batch, tta, threads)")
     b.add_argument("--device", choices=DEVICES, default="auto")
     b.add_argument("--json", type=Path, default=None)
     _add_common(b)

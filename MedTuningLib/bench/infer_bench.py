@@ -11,6 +11,11 @@ without it, one built from ``--arch`` with random base weights (timing only: the
 little). The volume is ``--image`` (real files, one per modality) or a synthetic one of ``--size``. The Dice
 difference is taken against ``--label`` when given (the scheme's regions, e.g. BraTS ET / TC / WT), else
 between the two paths' predictions (foreground classes).
+
+``--variant SPEC`` (repeatable) measures settings of the tuned path instead, each against the first: SPEC is
+space-separated ``key=value`` pairs, e.g. ``"overlap=0.25,0,0 precision=int8"`` (:data:`VARIANT_KEYS`). A model
+folder's working spacing is used as ``segment`` uses it (resampled there and back, timed), so a variant's time is
+what ``segment`` would spend on the volume (reading the file excepted).
 """
 
 from __future__ import annotations
@@ -22,7 +27,48 @@ from typing import Callable
 import numpy as np
 import torch
 
-OVERLAP = 0.5  # the segment command's default overlap
+from MedTuningLib.engine.windows import DEFAULT_OVERLAP, INFERENCE_PRECISIONS, describe_overlap, parse_overlap
+from MedTuningLib.errors import MedTuningError
+
+OVERLAP = DEFAULT_OVERLAP  # the segment command's default overlap
+
+# What a --variant may set, and what each key means.
+VARIANT_KEYS = {"overlap": "window overlap, one fraction or D,H,W (as --overlap)",
+                "precision": "auto, fp32, bf16 or int8 (as --precision)",
+                "sw_batch": "windows per forward call",
+                "tta": "on / off: flip test-time augmentation",
+                "threads": "PyTorch CPU threads (torch.set_num_threads)"}
+
+
+def parse_variant(text: str) -> dict:
+    """``"overlap=0.25,0,0 precision=int8"`` -> ``{"overlap": (0.25, 0, 0), "precision": "int8"}``; unset keys
+    take ``segment``'s defaults."""
+    variant: dict = {}
+    for item in text.split():
+        key, _, value = item.partition("=")
+        if key not in VARIANT_KEYS or not value:
+            raise MedTuningError("INVALID_OPTION", f"--variant {text!r}: {item!r} is not a setting",
+                                 "use key=value pairs: " + "; ".join(f"{k} ({v})" for k, v in VARIANT_KEYS.items()))
+        if key == "overlap":
+            variant[key] = parse_overlap(value)
+        elif key == "precision":
+            if value not in INFERENCE_PRECISIONS:
+                raise MedTuningError("INVALID_OPTION", f"--variant precision={value} is not a precision",
+                                     "use one of " + ", ".join(INFERENCE_PRECISIONS))
+            variant[key] = value
+        elif key == "tta":
+            if value not in ("on", "off"):
+                raise MedTuningError("INVALID_OPTION", f"--variant tta={value}", "use tta=on or tta=off")
+            variant[key] = value == "on"
+        else:
+            try:
+                variant[key] = int(value)
+            except ValueError:
+                variant[key] = 0
+            if variant[key] < 1:
+                raise MedTuningError("INVALID_OPTION", f"--variant {key}={value} is not a positive integer",
+                                     f"give {key} as a whole number of at least 1")
+    return variant
 
 
 def plain_probabilities(model: torch.nn.Module, image: torch.Tensor, crop, device: torch.device,
@@ -54,12 +100,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _load(args, device):
-    """(model, crop, image [C, D, H, W] float32, label classes or None, scheme or None, description)."""
+    """(model, crop, image [C, D, H, W] float32, label classes or None, scheme or None, description, volume text,
+    the image's spacing (z, y, x) or None, the model's working spacing or None)."""
     from pathlib import Path
 
-    from MedTuningLib.errors import MedTuningError
-
     label = None
+    spacing = working = None
     scheme = None
     if args.model is not None:
         from MedTuningLib.engine.modelfolder import load_model_folder
@@ -69,6 +115,7 @@ def _load(args, device):
         what = f"model folder {args.model} ({loaded.manifest['architecture']['arch']}, " \
                f"{loaded.manifest['architecture'].get('backbone')})"
         n_channels = len(loaded.modalities)
+        working = loaded.spacing
     else:
         from MedTuningLib.models import ModelConfig, build_model
 
@@ -87,6 +134,7 @@ def _load(args, device):
             raise MedTuningError("MODALITY_COUNT_MISMATCH", f"the model expects {n_channels} image(s), "
                                  f"{len(args.image)} were given", "pass one --image per modality")
         array, reference = read_case_images([Path(p) for p in args.image])
+        spacing = tuple(float(v) for v in reversed(reference.GetSpacing()))
         if loaded is not None:
             from MedTuningLib.data.preprocess import normalize_intensity
 
@@ -109,20 +157,110 @@ def _load(args, device):
         rng = np.random.default_rng(0)
         array = rng.standard_normal((n_channels, *size)).astype(np.float32)
         volume = "x".join(str(s) for s in size) + " synthetic (random normal)"
-    return model, crop, np.ascontiguousarray(array, dtype=np.float32), label, scheme, what, volume
+    if spacing is None or working is None:
+        spacing = working = None  # a synthetic volume, or a native model: no resampling
+    return (model, crop, np.ascontiguousarray(array, dtype=np.float32), label, scheme, what, volume, spacing,
+            working)
+
+
+def _scores(scheme, prediction: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Dice per region of ``scheme`` (or per foreground class without one) of two class maps."""
+    if scheme is not None:
+        ref_masks, pred_masks = scheme.region_masks(reference), scheme.region_masks(prediction)
+        return {r.name: round(dice(pred_masks[r.name], ref_masks[r.name]), 5) for r in scheme.regions}
+    classes = sorted((set(np.unique(prediction)) | set(np.unique(reference))) - {0})
+    return {str(int(k)): round(dice(prediction == k, reference == k), 5) for k in classes}
+
+
+def bench_variants(args, events, cancel=None) -> dict:
+    """``--variant``: every variant of the tuned path timed ``--repeats`` times (interleaved), its Dice against
+    ``--label`` (or against the first variant's result) and the difference to the first variant."""
+    from MedTuningLib.engine.device import resolve_device, resolve_precision
+    from MedTuningLib.engine.infer import auto_sw_batch_size, predict_on_input_grid
+
+    device = resolve_device(args.device)
+    variants = [(text, parse_variant(text)) for text in args.variant]
+    model, crop, array, label, scheme, what, volume, spacing, working = _load(args, device)
+    check = cancel.check if cancel is not None else None
+    default_threads = torch.get_num_threads()
+    events.log(f"bench infer: {what}; volume {volume}; crop {'x'.join(map(str, crop))}; "
+               f"{len(variants)} variants x {args.repeats} repeats")
+
+    def run(settings: dict, count: list[int]) -> np.ndarray:
+        def on_window() -> None:
+            count[0] += 1
+            if check is not None:
+                check()
+
+        torch.set_num_threads(settings.get("threads", default_threads))
+        try:
+            probs = predict_on_input_grid(model, array, spacing or (1.0, 1.0, 1.0), working, crop, device,
+                                          resolve_precision(settings.get("precision", "auto"), device),
+                                          overlap=settings.get("overlap", DEFAULT_OVERLAP),
+                                          tta=settings.get("tta", False), sw_batch_size=settings.get("sw_batch"),
+                                          on_window=on_window)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        finally:
+            torch.set_num_threads(default_threads)
+        return probs.argmax(0).numpy().astype(np.uint8)
+
+    # Warm-up (one-off kernel selection, int8 packing) on one window's worth of the volume, not timed.
+    warm = np.ascontiguousarray(array[:, :crop[0], :crop[1], :crop[2]])
+    for _, settings in variants:
+        predict_on_input_grid(model, warm, (1.0, 1.0, 1.0), None, crop, device,
+                              resolve_precision(settings.get("precision", "auto"), device))
+    times: dict[str, list[float]] = {text: [] for text, _ in variants}
+    windows: dict[str, int] = {}
+    results: dict[str, np.ndarray] = {}
+    done, total = 0, len(variants) * args.repeats
+    for _ in range(args.repeats):
+        for text, settings in variants:
+            events.progress("infer", done, total)
+            count = [0]
+            t0 = time.perf_counter()
+            results[text] = run(settings, count)
+            times[text].append(time.perf_counter() - t0)
+            windows[text] = count[0]
+            done += 1
+            events.log(f"  {text}: {times[text][-1]:.1f} s, {count[0]} forward calls")
+    events.progress("infer", total, total)
+
+    first = variants[0][0]
+    rows = []
+    for text, settings in variants:
+        reference = label if label is not None else results[first]
+        scores = _scores(scheme, results[text], reference)
+        mean = float(np.mean(list(scores.values()))) if scores else 1.0
+        rows.append({"variant": text, "settings": {k: (list(v) if isinstance(v, tuple) else v)
+                                                   for k, v in settings.items()},
+                     "seconds": round(statistics.median(times[text]), 2), "all_s": [round(t, 2) for t in times[text]],
+                     "forward_calls": windows[text],
+                     "sw_batch": settings.get("sw_batch", auto_sw_batch_size(device)),
+                     "dice": scores, "dice_mean": round(mean, 5)})
+    for row in rows:
+        row["speedup"] = round(rows[0]["seconds"] / row["seconds"], 2)
+        row["dice_difference_points"] = round(100 * (row["dice_mean"] - rows[0]["dice_mean"]), 3)
+        row["voxels_differing"] = int((results[row["variant"]] != results[first]).sum())
+    return {"model": what, "volume": volume, "crop": list(crop), "repeats": args.repeats, "device": str(device),
+            "working_spacing_xyz": None if working is None else list(reversed(working)),
+            "dice_against": "label" if label is not None else "the first variant", "variants": rows}
 
 
 def bench_infer(args, events, cancel=None) -> dict:
     from MedTuningLib.engine.device import resolve_device, resolve_precision
     from MedTuningLib.engine.infer import auto_sw_batch_size, predict_probabilities
 
+    if getattr(args, "variant", None):
+        return bench_variants(args, events, cancel)
     device = resolve_device(args.device)
-    model, crop, array, label, scheme, what, volume = _load(args, device)
+    model, crop, array, label, scheme, what, volume, _, _ = _load(args, device)
     dtype = resolve_precision("auto", device)
     image = torch.from_numpy(array)
     check = cancel.check if cancel is not None else None
     sw_batch = auto_sw_batch_size(device)
-    events.log(f"bench infer: {what}; volume {volume}; crop {'x'.join(map(str, crop))}, overlap {OVERLAP}")
+    events.log(f"bench infer: {what}; volume {volume}; crop {'x'.join(map(str, crop))}, "
+               f"overlap {describe_overlap(OVERLAP)}")
 
     # Warm-up (one-off kernel selection) with one window each, not timed.
     warm = image[:, :crop[0], :crop[1], :crop[2]]
@@ -147,7 +285,7 @@ def bench_infer(args, events, cancel=None) -> dict:
             events.log(f"  {path}: {times[path][-1]:.1f} s")
     events.progress("infer", total, total)
 
-    result: dict = {"model": what, "volume": volume, "crop": list(crop), "overlap": OVERLAP, "repeats": args.repeats,
+    result: dict = {"model": what, "volume": volume, "crop": list(crop), "overlap": describe_overlap(OVERLAP), "repeats": args.repeats,
                     "device": str(device)}
     settings = {"plain": "fp32, no_grad, 1 window per forward",
                 "tuned": f"{str(dtype or 'fp32').replace('torch.', '')} autocast, weights cast once, inference_mode, "

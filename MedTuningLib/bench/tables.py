@@ -62,6 +62,24 @@ def infer_table(result: dict) -> str:
     return comparison_table(rows, INFER_COLUMNS)[0]
 
 
+VARIANT_COLUMNS = [
+    Column("variant", "variant", None, align="left"),
+    Column("forward_calls", "forward calls", False, "d"),
+    Column("seconds", "s / volume", False, ".1f"),
+    Column("speedup", "speed-up", True, lambda v: f"{v:.2f}x"),
+    Column("dice", "Dice (mean)", True, ".4f"),
+    Column("difference", "Dice − first (points)", None, lambda v: f"{v:+.3f}"),
+]
+
+
+def variants_table(result: dict) -> str:
+    """``bench infer --variant``: one row per variant, the first is the reference."""
+    rows = [{"variant": r["variant"], "forward_calls": r["forward_calls"], "seconds": r["seconds"],
+             "speedup": r["speedup"], "dice": r["dice_mean"], "difference": r["dice_difference_points"]}
+            for r in result["variants"]]
+    return comparison_table(rows, VARIANT_COLUMNS)[0]
+
+
 PEER_COLUMNS = [
     Column("system", "system (its usual settings)", None, align="left"),
     Column("grid", "grid it works on", None, align="left"),

@@ -87,18 +87,22 @@ def run(args, ctx) -> dict:
     if args.bench_command == "peers":
         return _peers(args, events, ctx.cancel)
     from MedTuningLib.bench.infer_bench import bench_infer
-    from MedTuningLib.bench.tables import infer_table
+    from MedTuningLib.bench.tables import infer_table, variants_table
 
     events.start("bench", device=args.device, bench="infer")
     result = bench_infer(args, events, ctx.cancel)
     result["machine"] = machine()
-    table = infer_table(result)
+    table = variants_table(result) if "variants" in result else infer_table(result)
     if args.json:
         _write_json(args.json, result)
     if not events.jsonl:
         events.out.write("\n" + table + "\n")
-        events.out.write(f"Dice difference (tuned - plain, points): {result['dice_difference_points']:+.3f}; "
-                         f"speed-up {result['speedup']:.2f}x\n")
+        if "variants" in result:
+            events.out.write(f"Dice against {result['dice_against']}; differences and speed-ups against the first "
+                             f"variant\n")
+        else:
+            events.out.write(f"Dice difference (tuned - plain, points): {result['dice_difference_points']:+.3f}; "
+                             f"speed-up {result['speedup']:.2f}x\n")
         events.out.flush()
     return {**result, "table": table, "json": str(args.json) if args.json else None}
 

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 CANDIDATE_PROBABILITY = 0.1
+# Ranking needs a probability map, not the best segmentation: fewer windows than segment's default.
+SUGGEST_OVERLAP = 0.25
 
 
 def uncertainty(probs: np.ndarray, spacing: tuple[float, ...] = (1.0, 1.0, 1.0)) -> dict[str, Any]:
@@ -40,13 +42,11 @@ def uncertainty(probs: np.ndarray, spacing: tuple[float, ...] = (1.0, 1.0, 1.0))
 
 
 def run(args, ctx) -> dict:
-    import torch
-
     from MedTuningLib.cases import CaseLibrary
     from MedTuningLib.data.io import read_case_images
     from MedTuningLib.data.preprocess import normalize_intensity
     from MedTuningLib.engine.device import resolve_device, resolve_precision
-    from MedTuningLib.engine.infer import predict_probabilities
+    from MedTuningLib.engine.infer import predict_on_input_grid
     from MedTuningLib.engine.modelfolder import load_model_folder
     from MedTuningLib.errors import MedTuningError
 
@@ -71,9 +71,10 @@ def run(args, ctx) -> dict:
                                  "rank scans with a model of the same modalities", case=case.id)
         array, reference = read_case_images(case.image_paths, log=events.log)
         array = normalize_intensity(array, loaded.preprocessing)
-        probs = predict_probabilities(loaded.model, torch.from_numpy(np.ascontiguousarray(array)), loaded.crop,
-                                      device, dtype, overlap=0.25, on_window=ctx.cancel.check)
-        spacing = tuple(float(s) for s in reversed(reference.GetSpacing()))
+        spacing = tuple(float(s) for s in reversed(reference.GetSpacing()))  # (z, y, x), as the arrays
+        # On the model's working grid, as segment sees the scan; scored on the scan's own voxels.
+        probs = predict_on_input_grid(loaded.model, array, spacing, loaded.spacing, loaded.crop, device, dtype,
+                                      overlap=SUGGEST_OVERLAP, on_window=ctx.cancel.check)
         entry = {"id": case.id, **uncertainty(probs.numpy(), spacing),
                  "images": [str(p) for p in case.image_paths]}
         ranking.append(entry)

@@ -34,10 +34,17 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype, or None for plain fp32.
 
     ``auto`` picks bf16 on GPUs that support it and on CPUs with native bf16 units; elsewhere fp32
-    (emulated bf16 on an old CPU is slower than fp32).
+    (emulated bf16 on an old CPU is slower than fp32). ``int8`` (inference on the CPU only) is not an autocast
+    dtype: it returns ``torch.qint8``, which :func:`MedTuningLib.engine.infer.predict_probabilities` turns into
+    dynamically quantized Linear layers.
     """
     if precision == "fp32":
         return None
+    if precision == "int8":
+        if device.type != "cpu":
+            raise MedTuningError("INVALID_OPTION", "--precision int8 (dynamic int8 Linear layers) runs on the CPU only",
+                                 "on a GPU use --precision auto (bf16 or fp16), or add --device cpu")
+        return torch.qint8
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp16":

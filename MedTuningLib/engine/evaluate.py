@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from MedTuningLib.engine.windows import DEFAULT_OVERLAP, Overlap
 from MedTuningLib.errors import MedTuningError
 from MedTuningLib.events import EventStream
 from MedTuningLib.fileio import ensure_writable_dir, write_bytes_atomic, write_json_atomic
@@ -105,7 +106,7 @@ def markdown_report(report: dict) -> str:
 
 
 def evaluate_model(model_dir: Path, library: Path, split: str = "test", device: str = "auto",
-                   events: EventStream | None = None, tta: bool = False, overlap: float = 0.5,
+                   events: EventStream | None = None, tta: bool = False, overlap: Overlap = DEFAULT_OVERLAP,
                    report_dir: Path | None = None, weights: str | None = None, precision: str = "auto",
                    case_ids: Sequence[str] | None = None, protocol: str = "", cancel=None,
                    montages: bool = True, inference: str = "project") -> dict:

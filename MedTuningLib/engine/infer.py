@@ -9,15 +9,18 @@ geometry exactly.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from MedTuningLib.engine.device import autocast
+from MedTuningLib.engine.windows import DEFAULT_OVERLAP
 from MedTuningLib.errors import MedTuningError
 
 def tta_flips(flip_axes: Sequence[int] = (0, 1, 2)) -> list[tuple[int, ...]]:
@@ -34,13 +37,34 @@ def tta_flips(flip_axes: Sequence[int] = (0, 1, 2)) -> list[tuple[int, ...]]:
 WINDOW_PADDING = "replicate"
 
 
+@contextlib.contextmanager
+def int8_linear_copy(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """A copy of ``model`` whose Linear layers run in int8 (PyTorch's dynamic quantization: int8 weights,
+    activations quantized per call) for CPU inference; the model itself is untouched. Measured with
+    ``bench infer`` (README): ViT-B windows about 1.4x faster on an AVX2 CPU, at a small Dice difference."""
+    quantize = getattr(getattr(torch, "ao", None), "quantization", None)
+    if quantize is None or not hasattr(quantize, "quantize_dynamic"):
+        raise MedTuningError("INVALID_OPTION", "this PyTorch has no dynamic int8 quantization (torch.ao.quantization)",
+                             "use --precision auto or fp32")
+    with warnings.catch_warnings():
+        # PyTorch announces the quantized tensor types' deprecation on every quantization; it still runs.
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
+        copy = quantize.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
+    try:
+        yield copy
+    finally:
+        del copy
+
+
 def auto_sw_batch_size(device: torch.device) -> int:
     """Windows per forward pass: several on a GPU (fills it), two on a CPU (bigger matmuls, fewer calls)."""
     return 4 if device.type == "cuda" else 2
 
 
 def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Sequence[int], device: torch.device,
-                          dtype: torch.dtype | None = None, overlap: float = 0.5, tta: bool = False,
+                          dtype: torch.dtype | None = None, overlap: float | Sequence[float] = DEFAULT_OVERLAP,
+                          tta: bool = False,
                           sw_batch_size: int | None = None, on_window: Callable[[], None] | None = None,
                           flip_axes: Sequence[int] = (0, 1, 2), mode: str = "gaussian",
                           flip_softmax: bool = False) -> torch.Tensor:
@@ -51,8 +75,9 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
     by autocast for every window (same results: autocast rounds them the same way), and restored afterwards;
     ``sw_batch_size`` windows per forward (``None``: :func:`auto_sw_batch_size`).
 
-    ``overlap`` may be one value per axis; ``mode`` is MONAI's blending ("gaussian", or "constant": every window
-    weighs the same). ``flip_softmax``: each flip's window-averaged probabilities go through a softmax again
+    ``dtype`` ``torch.qint8`` (``--precision int8``, CPU): the Linear layers of a copy run in int8
+    (:func:`int8_linear_copy`). ``overlap`` may be one value per axis (D, H, W); ``mode`` is MONAI's blending
+    ("gaussian", or "constant": every window weighs the same). ``flip_softmax``: each flip's window-averaged probabilities go through a softmax again
     before the flips are averaged, as the official code does (``--protocol paper``, engine/recipe.py).
     """
     from monai.inferers import sliding_window_inference
@@ -63,18 +88,21 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
     model.eval()
     if sw_batch_size is None:
         sw_batch_size = auto_sw_batch_size(device)
-
-    def window_probs(x: torch.Tensor) -> torch.Tensor:
-        if on_window is not None:
-            on_window()  # lets a caller cancel between windows
-        with autocast(device, dtype):
-            logits = model(x)
-        return torch.softmax(logits.float(), dim=1)
+    int8 = dtype == torch.qint8
+    weights = int8_linear_copy(model) if int8 else contextlib.nullcontext(model)
+    autocast_dtype = None if int8 else dtype
 
     flips = tta_flips(flip_axes) if tta else [()]
     total = None
     try:
-        with compact_weights(model, dtype), torch.inference_mode():
+        with weights as net, compact_weights(net, autocast_dtype), torch.inference_mode():
+            def window_probs(x: torch.Tensor) -> torch.Tensor:
+                if on_window is not None:
+                    on_window()  # lets a caller cancel between windows
+                with autocast(device, autocast_dtype):
+                    logits = net(x)
+                return torch.softmax(logits.float(), dim=1)
+
             inputs = image.unsqueeze(0).to(device=device, dtype=torch.float32)
             for axes in flips:
                 flipped = torch.flip(inputs, axes) if axes else inputs

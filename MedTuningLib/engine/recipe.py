@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from MedTuningLib.engine.windows import DEFAULT_OVERLAP, Overlap, describe_overlap
+
 # Official slide_window: stride int(128 / 3) = 42 for 128-voxel windows, uniform averaging.
 PAPER_WINDOW_FRACTION = 1.0 / 3.0
 # Official postprocess (utils/predict_fold_3D.py): an enhancing tumour of fewer voxels becomes necrosis.
@@ -222,7 +224,7 @@ class InferenceProtocol:
     """How volumes are windowed, blended and post-processed (``--protocol``)."""
 
     name: str = "project"
-    overlap: float | tuple[float, ...] = 0.5
+    overlap: float | tuple[float, ...] = DEFAULT_OVERLAP
     blend: str = "gaussian"         # MONAI sliding_window_inference mode
     tta: bool = False
     flip_softmax: bool = False      # official: softmax again over each flip's window-averaged probabilities
@@ -233,7 +235,7 @@ class InferenceProtocol:
         if self.name == "paper":
             return ("paper protocol: windows at stride int(crop/3) (42 for 128), uniform averaging, "
                     f"{'8-flip TTA' if self.tta else 'no TTA'}, ET < {self.et_min_voxels} voxels -> NCR/NET")
-        return f"windows at overlap {self.overlap}, {self.blend} blending, {'flip TTA' if self.tta else 'no TTA'}"
+        return f"windows at overlap {describe_overlap(self.overlap)}, {self.blend} blending, {'flip TTA' if self.tta else 'no TTA'}"
 
 
 def paper_overlap(crop: Sequence[int]) -> tuple[float, ...]:
@@ -246,7 +248,8 @@ def paper_overlap(crop: Sequence[int]) -> tuple[float, ...]:
     return tuple(result)
 
 
-def inference_protocol(name: str, crop: Sequence[int], tta: bool = False, overlap: float = 0.5) -> InferenceProtocol:
+def inference_protocol(name: str, crop: Sequence[int], tta: bool = False,
+                       overlap: Overlap = DEFAULT_OVERLAP) -> InferenceProtocol:
     """The protocol called ``name`` for a model trained with ``crop``; ``tta`` / ``overlap``: the project's."""
     if name == "paper":
         return InferenceProtocol(name="paper", overlap=paper_overlap(crop), blend="constant", tta=True,

@@ -1,0 +1,41 @@
+"""Sliding-window settings shared by ``segment``, ``evaluate``, ``suggest`` and the benches, without
+importing PyTorch (the command line parses them before any model is loaded)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+from MedTuningLib.errors import MedTuningError
+
+Overlap = Union[float, tuple[float, float, float]]
+
+# Overlap of neighbouring windows, per window axis (D, H, W), for segment / evaluate / suggest. Chosen by
+# measurement with ``medtuning bench infer --variant overlap=...`` (README, "Choosing the inference settings").
+DEFAULT_OVERLAP: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+# ``--precision`` of the inference commands: the training precisions and int8 (dynamically quantized Linear
+# layers on the CPU, engine/infer.int8_linear_copy).
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INFERENCE_PRECISIONS = TRAIN_PRECISIONS + ("int8",)
+
+
+def parse_overlap(text: str) -> Overlap:
+    """``--overlap``: one fraction for every axis (``0.5``) or one per window axis ``D,H,W`` (``0.25,0,0``),
+    each at least 0 and below 1."""
+    parts = [part.strip() for part in str(text).split(",")]
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3) or not all(math.isfinite(v) and 0 <= v < 1 for v in values):
+        raise MedTuningError("INVALID_OPTION", f"--overlap {text!r} is not an overlap",
+                             "give one fraction from 0 to below 1 (0.5), or one per window axis D,H,W (0.25,0,0)")
+    return values[0] if len(values) == 1 else (values[0], values[1], values[2])
+
+
+def describe_overlap(overlap: float | Sequence[float]) -> str:
+    """``0.5`` or ``0.25,0,0`` (D, H, W), as ``--overlap`` takes it."""
+    if isinstance(overlap, (int, float)):
+        return f"{overlap:g}"
+    return ",".join(f"{v:g}" for v in overlap)

@@ -1,0 +1,97 @@
+"""Inference settings of segment / evaluate / suggest: per-axis overlap, int8 Linear layers, and
+``bench infer --variant`` that measures them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from MedTuningLib.engine.device import resolve_precision
+from MedTuningLib.engine.infer import predict_probabilities
+from MedTuningLib.engine.windows import DEFAULT_OVERLAP, parse_overlap
+from MedTuningLib.errors import MedTuningError
+from MedTuningLib.models import ModelConfig, build_model
+
+CPU = torch.device("cpu")
+
+
+def test_overlap_is_one_fraction_or_one_per_window_axis():
+    assert parse_overlap("0.5") == 0.5
+    assert parse_overlap("0.25, 0, 0") == (0.25, 0.0, 0.0)
+    for bad in ("1", "-0.1", "0.5,0.5", "nan", "half"):
+        with pytest.raises(MedTuningError) as caught:
+            parse_overlap(bad)
+        assert caught.value.code == "INVALID_OPTION" and "D,H,W" in caught.value.hint
+
+
+def test_per_axis_overlap_sets_the_windows_per_axis():
+    """Overlap 0 in-plane and 0.5 in depth: windows tile H and W once and step half a window in depth."""
+    calls = []
+
+    class Count(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return torch.cat([-x, x], dim=1)
+
+    volume = torch.zeros(1, 16, 32, 32)
+    predict_probabilities(Count(), volume, (8, 16, 16), CPU, None, overlap=(0.5, 0.0, 0.0), sw_batch_size=1)
+    assert len(calls) == 3 * 2 * 2  # depth starts 0, 4, 8; two windows along H and along W
+    calls.clear()
+    predict_probabilities(Count(), volume, (8, 16, 16), CPU, None, overlap=DEFAULT_OVERLAP, sw_batch_size=1)
+    assert len(calls) == 3 * 3 * 3
+
+
+def test_int8_runs_a_quantized_copy_and_leaves_the_model_untouched():
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="vit_upernet", backbone="vit_tiny_patch16_224", in_channels=1, num_classes=3, img_size=32,
+                      depth=4, method="med_tuning", backbone_kwargs={"depth": 4})
+    model = build_model(cfg)
+    volume = torch.randn(1, 8, 40, 40)
+    fp32 = predict_probabilities(model, volume, (4, 32, 32), CPU, None)
+    int8 = predict_probabilities(model, volume, (4, 32, 32), CPU, resolve_precision("int8", CPU))
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert int8.shape == fp32.shape
+    difference = (int8 - fp32).abs().max().item()
+    assert 0 < difference < 0.05, difference  # really quantized, and close
+    assert torch.allclose(int8.sum(0), torch.ones_like(int8[0]), atol=1e-4)
+
+
+def test_int8_is_refused_on_a_gpu():
+    with pytest.raises(MedTuningError) as caught:
+        resolve_precision("int8", torch.device("cuda"))
+    assert caught.value.code == "INVALID_OPTION"
+
+
+def test_segment_refuses_a_bad_overlap_with_a_usage_error(cli):
+    status, events = cli(["segment", "--model", "M", "--image", "I.nrrd", "--out", "O.seg.nrrd", "--overlap", "0.5,1"])
+    assert status == 2
+    error = [e for e in events if e["event"] == "error"][-1]
+    assert "D,H,W" in json.dumps(error)
+
+
+def test_bench_infer_variants_time_each_setting_against_the_first(cli, tmp_path):
+    out = tmp_path / "variants.json"
+    status, events = cli(["bench", "infer", "--arch", "vit_upernet", "--backbone", "vit_tiny_patch16_224", "--crop",
+                          "2x32x32", "--size", "4x40x40", "--device", "cpu", "--repeats", "1", "--json", str(out),
+                          "--variant", "overlap=0.5", "--variant", "overlap=0,0,0 precision=int8",
+                          "--variant", "sw_batch=1 threads=1"])
+    assert status == 0, events
+    data = json.loads(out.read_text(encoding="utf-8"))
+    rows = {r["variant"]: r for r in data["variants"]}
+    assert list(rows) == ["overlap=0.5", "overlap=0,0,0 precision=int8", "sw_batch=1 threads=1"]
+    assert data["dice_against"] == "the first variant"
+    assert rows["overlap=0.5"]["dice_difference_points"] == 0 and rows["overlap=0.5"]["speedup"] == 1
+    # 4x40x40 in 2x32x32 windows: overlap 0.5 -> 3 x 2 x 2 windows, none -> 2 x 2 x 2; 2 per call on a CPU
+    assert rows["overlap=0.5"]["forward_calls"] == 6
+    assert rows["overlap=0,0,0 precision=int8"]["forward_calls"] == 4
+    assert rows["sw_batch=1 threads=1"]["forward_calls"] == 12
+    assert all(r["seconds"] > 0 for r in rows.values())
+
+
+def test_bench_infer_refuses_an_unknown_variant_key(cli):
+    status, events = cli(["bench", "infer", "--arch", "vit_upernet", "--backbone", "vit_tiny_patch16_224",
+                          "--variant", "speed=fast", "--device", "cpu"])
+    assert status == 2
+    assert any(e["event"] == "error" and e["code"] == "INVALID_OPTION" for e in events)
