@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from engine_helpers import TINY_TRAIN, blob_volume
 
-import MedTuningLib.engine.train as train_module
+import MedTuningLib.engine.train_data as train_module  # where the training run reads its cases
 
 QUICK = ["--epochs", "1", "--steps-per-epoch", "1"]
 
