@@ -23,7 +23,8 @@ from MedTuningLib.cancel import CancelToken
 from MedTuningLib.errors import (EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, Cancelled,
                                  MedTuningError)
 from MedTuningLib.engine.windows import (DEFAULT_OVERLAP, INFERENCE_PRECISIONS, TRAIN_PRECISIONS, describe_overlap,
-                                         parse_overlap)
+                                         overlap_argument)
+from MedTuningLib.engine.train_options import DEFAULT_WORKERS
 from MedTuningLib.events import EventStream
 from MedTuningLib.schema import ARCHS, LABELLED_SPLITS, METHODS, PROVENANCES, SOURCE_LABELS, SPLITS, TASKS
 
@@ -119,13 +120,6 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be zero or a positive integer, not {text}")
     return value
-
-
-def _overlap(text: str) -> float | tuple[float, float, float]:
-    try:
-        return parse_overlap(text)
-    except MedTuningError as error:
-        raise argparse.ArgumentTypeError(error.hint) from error
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -236,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "training cases' median (nnU-Net's rule for anisotropic data), native = each scan's own grid")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=_non_negative_int, default=0, help="data-loading worker processes")
+    p.add_argument("--workers", type=_non_negative_int, default=DEFAULT_WORKERS,
+                   help="processes that prepare training crops while the step runs (0: the main process prepares "
+                        f"them; default {DEFAULT_WORKERS}); results are the same for every value (each crop has its "
+                        "own seed), only the speed differs")
     p.add_argument("--init-from", type=Path, default=None,
                    help="warm start from an earlier model folder: its label scheme, modalities, preprocessing, "
                         "architecture and base weights are kept (see also 'medtuning retune')")
@@ -304,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results of a --batch-list folder: .seg.nrrd, DICOM SEG (.dcm), or both")
     p.add_argument("--labelmap", type=Path, default=None, help="also write a labelmap (e.g. .nii.gz)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--overlap", type=_overlap, default=DEFAULT_OVERLAP, help=OVERLAP_HELP)
+    p.add_argument("--overlap", type=overlap_argument, default=DEFAULT_OVERLAP, help=OVERLAP_HELP)
     p.add_argument("--protocol", choices=("project", "paper"), default="project",
                    help="paper: the official inference (windows at stride crop/3, uniform averaging, 8-flip TTA, "
                         "BraTS ET < 500 voxels -> necrosis, fp32); implies --tta, excludes --overlap")
@@ -324,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None, help="folder for report.json / report.md / report.html")
     p.add_argument("--force", action="store_true", help="replace an earlier report in --report")
     p.add_argument("--tta", action="store_true")
-    p.add_argument("--overlap", type=_overlap, default=DEFAULT_OVERLAP, help=OVERLAP_HELP)
+    p.add_argument("--overlap", type=overlap_argument, default=DEFAULT_OVERLAP, help=OVERLAP_HELP)
     p.add_argument("--protocol", choices=("project", "paper"), default="project",
                    help="paper: the official evaluation (stride crop/3 windows, uniform averaging, 8-flip TTA, "
                         "ET < 500 voxels -> necrosis, HD95 of regions absent from both left out, fp32)")

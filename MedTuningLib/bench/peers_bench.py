@@ -7,7 +7,7 @@ blending, probabilities back onto the input grid (linear), argmax. Timed: that w
 file is not). Also one training step (its usual batch and window, random data) unless ``--no-train-step``.
 
 - ``medtuning:<arch>``: MedTuning's own path (``engine/infer.predict_on_input_grid``, as ``segment`` runs it:
-  working spacing ``--spacing``, window = the training crop, overlap 0.5, autocast in the device's precision,
+  working spacing ``--spacing``, window = the training crop, ``--overlap`` / ``--precision`` as segment takes them,
   Med-Tuning on the architecture's default backbone);
 - ``nnunet``: nnU-Net's default 3d_fullres network, ``PlainConvUNet`` from ``dynamic_network_architectures``
   (the package nnU-Net builds its networks from; an optional bench dependency), built as nnU-Net's planner
@@ -37,6 +37,8 @@ import sys
 import time
 
 import numpy as np
+
+from MedTuningLib.engine.windows import DEFAULT_OVERLAP, INFERENCE_PRECISIONS, describe_overlap, overlap_argument
 
 SYSTEMS = ("medtuning:vit_upernet", "medtuning:swin_unet", "nnunet", "swinunetr", "segresnet")
 NUM_CLASSES = 3  # background, kidney, tumour: the KiTS scheme
@@ -88,7 +90,7 @@ def build_system(args, in_spacing: tuple[float, float, float], in_shape: tuple[i
         model = build_model(cfg)
         option = parse_spacing_option(args.spacing)
         grid = None if option == "native" else (in_spacing if option == "auto" else option)
-        return {"model": model, "grid": grid, "window": tuple(args.crop), "overlap": 0.5, "kind": "medtuning",
+        return {"model": model, "grid": grid, "window": tuple(args.crop), "overlap": args.overlap, "kind": "medtuning",
                 "what": f"MedTuning {arch} ({cfg.backbone_name}), med_tuning", "train_batch": 2}
     if name == "nnunet":
         from dynamic_network_architectures.architectures.unet import PlainConvUNet
@@ -129,10 +131,11 @@ def build_system(args, in_spacing: tuple[float, float, float], in_shape: tuple[i
 def windows_per_volume(shape, window, overlap) -> int:
     """How many windows MONAI's sliding window places on ``shape`` (its scan interval rule)."""
     total = 1
-    for size, roi in zip(shape, window):
+    overlaps = [overlap] * len(window) if isinstance(overlap, (int, float)) else list(overlap)
+    for size, roi, axis_overlap in zip(shape, window, overlaps):
         if size <= roi:
             continue
-        interval = max(1, int(roi * (1 - overlap)))
+        interval = max(1, int(roi * (1 - axis_overlap)))
         total *= math.ceil((size - roi) / interval) + 1
     return total
 
@@ -154,7 +157,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     grid = system["grid"]
     window, overlap = system["window"], system["overlap"]
     if system["kind"] == "medtuning":
-        dtype = resolve_precision("auto", device)
+        dtype = resolve_precision(args.precision, device)
         sw_batch = auto_sw_batch_size(device)
     else:  # nnU-Net and MONAI: fp32 on CPU, fp16 autocast on a GPU
         dtype = torch.float16 if device.type == "cuda" else None
@@ -179,8 +182,11 @@ def run_worker(args: argparse.Namespace) -> dict:
             return torch.softmax(model(x).float(), dim=1)
 
     # Warm-up: one window (first-call allocations and kernel selection), not timed.
-    with torch.inference_mode(), autocast(device, dtype):
-        model(torch.zeros((1, 1) + tuple(window), device=device))
+    if system["kind"] == "medtuning":
+        predict_probabilities(model, torch.zeros((1,) + tuple(window)), window, device, dtype)
+    else:
+        with torch.inference_mode(), autocast(device, dtype):
+            model(torch.zeros((1, 1) + tuple(window), device=device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -226,7 +232,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "precision": str(dtype or "fp32").replace("torch.", ""), "grid_spacing_xyz": list(reversed(grid or in_spacing)),
         "grid": describe(grid) if grid else "native", "grid_shape": list(grid_shape),
         "grid_voxels": int(np.prod(grid_shape)), "input_shape": list(volume.shape[-3:]),
-        "window": list(window), "overlap": overlap, "windows": n_windows, "forward_calls": n_calls,
+        "window": list(window), "overlap": describe_overlap(overlap), "windows": n_windows, "forward_calls": n_calls,
         "windows_per_call": sw_batch, "tta": False, "seconds": round(seconds, 3),
         "voxels_per_s": round(int(np.prod(grid_shape)) / seconds, 1), "extrapolated": extrapolated,
         "timed_calls": args.max_windows if extrapolated else n_calls, "resample_s": round(t_resampled - t0, 3),
@@ -314,6 +320,11 @@ def add_shared_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-spacing", type=_floats, default=(0.72, 0.72, 1.68), help="synthetic spacing X,Y,Z mm")
     p.add_argument("--spacing", default="1.5", help="MedTuning's working spacing (auto / native / X,Y,Z mm)")
     p.add_argument("--crop", type=_size, default=(16, 128, 128), help="MedTuning's window (its training crop)")
+    p.add_argument("--overlap", type=overlap_argument, default=DEFAULT_OVERLAP,
+                   help=f"MedTuning's window overlap, one or D,H,W (default segment's, "
+                        f"{describe_overlap(DEFAULT_OVERLAP)})")
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto",
+                   help="MedTuning's precision (as segment --precision); the peers run as their pipelines do")
     p.add_argument("--backbone", default=None)
     p.add_argument("--backbone-args", default=None)
     p.add_argument("--decoder-width", type=int, default=None)
@@ -329,6 +340,7 @@ def worker_argv(args, system: str) -> list[str]:
     argv = [sys.executable, "-m", "MedTuningLib.bench.peers_bench", "--system", system, "--device", args.device,
             "--size", "x".join(map(str, args.size)), "--input-spacing", ",".join(map(str, args.input_spacing)),
             "--spacing", str(args.spacing), "--crop", "x".join(map(str, args.crop)),
+            "--overlap", describe_overlap(args.overlap), "--precision", args.precision,
             "--nnunet-patch", "x".join(map(str, args.nnunet_patch)), "--nnunet-spacing", args.nnunet_spacing,
             "--monai-window", "x".join(map(str, args.monai_window)), "--max-windows", str(args.max_windows)]
     if args.image:

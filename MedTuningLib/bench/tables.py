@@ -100,7 +100,7 @@ def peers_table(result: dict) -> str:
         seconds = r["seconds"]
         rows.append({"system": r["what"] + (" (extrapolated from %d calls)" % r["timed_calls"]
                                             if r["extrapolated"] else ""),
-                     "grid": grid, "window": f"{'x'.join(map(str, r['window']))}, {r['overlap']:g}",
+                     "grid": grid, "window": f"{'x'.join(map(str, r['window']))}, {r['overlap']}",
                      "precision": r["precision"], "seconds": seconds, "voxels_per_s": r["voxels_per_s"],
                      "peak_mb": r["peak_mb"], "train_step_s": r.get("train_step_s")})
     return comparison_table(rows, PEER_COLUMNS)[0]

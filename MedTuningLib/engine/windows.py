@@ -34,6 +34,16 @@ def parse_overlap(text: str) -> Overlap:
     return values[0] if len(values) == 1 else (values[0], values[1], values[2])
 
 
+def overlap_argument(text: str) -> Overlap:
+    """:func:`parse_overlap` as an argparse ``type`` (a bad value is a usage error with the hint)."""
+    import argparse
+
+    try:
+        return parse_overlap(text)
+    except MedTuningError as error:
+        raise argparse.ArgumentTypeError(error.hint) from error
+
+
 def describe_overlap(overlap: float | Sequence[float]) -> str:
     """``0.5`` or ``0.25,0,0`` (D, H, W), as ``--overlap`` takes it."""
     if isinstance(overlap, (int, float)):
