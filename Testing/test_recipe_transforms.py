@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from MedTuningLib.data.transforms import RandColumnIntensityd, training_transforms
 
@@ -84,3 +85,27 @@ def test_shuffle_order_gives_every_case_once_per_pass_split_among_processes():
     assert [draws(0, e, 3) + draws(1, e, 3) for e in (2, 3, 4)] != [first + second] * 3  # a fresh order per epoch
     # A second pass in the same epoch: again every case, in another order.
     assert sorted(set(draws(0, 1, 6)[3:] + draws(1, 1, 6)[3:])) == [0, 1, 2, 3, 4]
+
+
+def test_crop_centres_are_indexed_once_per_case_and_exclude_the_foreground_from_the_background():
+    """Foreground sampling reads the precomputed indices (no scan of the label per crop); the background
+    indices are every voxel outside the label (MONAI's own torch path would count the foreground in too)."""
+    from MedTuningLib.data.transforms import BG_INDICES, FG_INDICES, crop_centre_indices
+    from MedTuningLib.engine.train_data import CropDataset, CropKey
+
+    label = np.zeros((1, 20, 40, 40), np.uint8)
+    label[0, 5:10, 10:20, 10:20] = 1
+    indices = crop_centre_indices(label, (8, 16, 16))
+    assert len(indices[FG_INDICES]) == 500 and len(indices[BG_INDICES]) == 20 * 40 * 40 - 500
+    assert indices[BG_INDICES].dtype == np.int32
+    assert not np.isin(indices[FG_INDICES], indices[BG_INDICES]).any()
+    assert crop_centre_indices(label, (8, 64, 64)) == {}  # padded first: the crop computes them itself
+
+    image = np.random.default_rng(0).random((1, 20, 40, 40)).astype(np.float32)
+    dataset = CropDataset([{"image": image, "label": label}], (8, 16, 16), 2)
+    assert dataset.indices[0]  # computed at construction
+    first = [dataset._transform(CropKey(0, seed)) for seed in range(12)]
+    again = [dataset._transform(CropKey(0, seed)) for seed in range(12)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    with_foreground = sum(int(crop_label.sum() > 0) for _, crop_label in first)
+    assert with_foreground >= 6  # positive:negative 2:1 around a label that fills a third of a crop

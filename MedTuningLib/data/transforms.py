@@ -22,6 +22,8 @@ from monai.utils import convert_to_dst_type
 KEYS = ("image", "label")
 CROP_SAMPLINGS = ("foreground", "uniform")
 INTENSITY_MODES = ("global", "per_column")
+# Keys of a sample's precomputed crop-centre indices (crop_centre_indices), read by the foreground crop sampling.
+FG_INDICES, BG_INDICES = "label_fg_indices", "label_bg_indices"
 
 
 class RandColumnIntensityd(RandomizableTransform, MapTransform):
@@ -92,7 +94,7 @@ def training_transforms(crop: Sequence[int], num_samples: int = 1, pos: float = 
                                           num_classes=num_classes, num_samples=num_samples, warn=False)
     else:
         cropper = RandCropByPosNegLabeld(keys=KEYS, label_key="label", spatial_size=crop, pos=pos, neg=neg,
-                                         num_samples=num_samples)
+                                         num_samples=num_samples, fg_indices_key=FG_INDICES, bg_indices_key=BG_INDICES)
     transforms = Compose([
         # Constant padding: 0 is the mean of a normalised volume and background in the label.
         SpatialPadd(keys=KEYS, spatial_size=crop, mode="constant"),
@@ -107,6 +109,22 @@ def training_transforms(crop: Sequence[int], num_samples: int = 1, pos: float = 
     if seed is not None:
         transforms.set_random_state(seed=seed)
     return transforms
+
+
+def crop_centre_indices(label: np.ndarray, crop: Sequence[int]) -> dict[str, np.ndarray]:
+    """The foreground and background voxel indices of a ``[1, D, H, W]`` label, computed once per case for the
+    foreground crop sampling (which otherwise scans the whole label for every crop: 1.6 s per crop on a
+    512x512x154 CT). Passed with the sample, they give the same crops as the scan would. Empty for a label
+    smaller than the crop (it is padded first, which moves its indices)."""
+    from monai.transforms.utils import map_binary_to_indices
+
+    if any(int(n) < int(c) for n, c in zip(label.shape[-3:], crop)):
+        return {}
+    foreground, background = map_binary_to_indices(np.asarray(label), None, 0.0)  # as the crop itself computes
+    # int32 halves the memory of the background indices (every voxel but the foreground) where they fit.
+    dtype = np.int32 if label.size < 2**31 else np.int64
+    return {FG_INDICES: np.asarray(foreground).astype(dtype, copy=False),
+            BG_INDICES: np.asarray(background).astype(dtype, copy=False)}
 
 
 def validation_transforms() -> Compose:

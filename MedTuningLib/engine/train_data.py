@@ -211,11 +211,17 @@ class CropDataset(Dataset):
 
         super().__init__(data=cases, transform=training_transforms(crop, num_classes=num_classes, flip_axes=flip_axes,
                                                                    sampling=sampling, intensity=intensity))
+        from MedTuningLib.data.transforms import crop_centre_indices
+
+        # Foreground sampling draws crop centres among the label's voxels: their indices once per case.
+        self.indices = [crop_centre_indices(case["label"], crop) if sampling == "foreground" else {}
+                        for case in cases]
 
     def _transform(self, key: CropKey) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         case = self.data[key.case]
         self.transform.set_random_state(seed=key.seed)
-        sample = apply_transform(self.transform, {"image": case["image"], "label": case["label"]})
+        sample = apply_transform(self.transform, {"image": case["image"], "label": case["label"],
+                                                  **self.indices[key.case]})
         if isinstance(sample, list):  # crop transforms with num_samples return a list
             sample = sample[0]
         return (torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32),
