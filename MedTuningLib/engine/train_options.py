@@ -8,9 +8,9 @@ from typing import Any
 
 from MedTuningLib.errors import MedTuningError
 
-# Crop-preparing worker processes of --workers (engine/train_data.py). Measured on this project's 2-core machine
-# (README, "--workers"): see there for the step times with 0 and 2.
-DEFAULT_WORKERS = 0
+# Crop-preparing worker processes of --workers (engine/train_data.py). Two: on a 2-core CPU (README, --workers)
+# steps were as fast or faster with the crops prepared beside them in three interleaved measurements.
+DEFAULT_WORKERS = 2
 
 
 @dataclass
