@@ -46,7 +46,8 @@ def int8_linear_copy(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     if quantize is None or not hasattr(quantize, "quantize_dynamic"):
         raise MedTuningError("INVALID_OPTION", "this PyTorch has no dynamic int8 quantization (torch.ao.quantization)",
                              "use --precision auto or fp32")
-    with warnings.catch_warnings():
+    # Made outside inference mode: the adapter's cached constants track its weights' version counters.
+    with warnings.catch_warnings(), torch.inference_mode(False):
         # PyTorch announces the quantized tensor types' deprecation on every quantization; it still runs.
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
