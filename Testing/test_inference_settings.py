@@ -40,7 +40,7 @@ def test_per_axis_overlap_sets_the_windows_per_axis():
     assert len(calls) == 3 * 2 * 2  # depth starts 0, 4, 8; two windows along H and along W
     calls.clear()
     predict_probabilities(Count(), volume, (8, 16, 16), CPU, None, overlap=DEFAULT_OVERLAP, sw_batch_size=1)
-    assert len(calls) == 3 * 3 * 3
+    assert DEFAULT_OVERLAP == 0.25 and len(calls) == 3 * 3 * 3  # steps of 6 in depth, 12 in-plane
 
 
 def test_int8_runs_a_quantized_copy_and_leaves_the_model_untouched():

@@ -146,7 +146,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     from MedTuningLib.bench.train_bench import _max_rss_mb, _status_mb
     from MedTuningLib.data.spacing import describe, to_input_grid, to_working_grid, working_shape
-    from MedTuningLib.engine.device import autocast, resolve_device, resolve_precision
+    from MedTuningLib.engine.device import autocast, precision_name, resolve_device, resolve_precision
     from MedTuningLib.engine.infer import WINDOW_PADDING, auto_sw_batch_size, predict_probabilities
 
     device = resolve_device(args.device)
@@ -229,7 +229,7 @@ def run_worker(args: argparse.Namespace) -> dict:
                   else (_status_mb("VmHWM") or _max_rss_mb()))
     result = {
         "system": args.system, "what": system["what"], "device": str(device),
-        "precision": str(dtype or "fp32").replace("torch.", ""), "grid_spacing_xyz": list(reversed(grid or in_spacing)),
+        "precision": precision_name(dtype), "grid_spacing_xyz": list(reversed(grid or in_spacing)),
         "grid": describe(grid) if grid else "native", "grid_shape": list(grid_shape),
         "grid_voxels": int(np.prod(grid_shape)), "input_shape": list(volume.shape[-3:]),
         "window": list(window), "overlap": describe_overlap(overlap), "windows": n_windows, "forward_calls": n_calls,

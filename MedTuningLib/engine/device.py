@@ -84,6 +84,15 @@ def backbone_frozen(model: torch.nn.Module) -> bool:
     return not any(p.requires_grad for blk in blocks for p in blk.parameters())
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``fp32``, ``bfloat16``, ``float16`` or ``int8`` (``--precision int8``'s ``torch.qint8``), as reports show it."""
+    if dtype is None:
+        return "fp32"
+    if dtype == torch.qint8:
+        return "int8"
+    return str(dtype).replace("torch.", "")
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
     if dtype is None:

@@ -114,7 +114,7 @@ PAPER_EVAL: tuple[Choice, ...] = (
            "off: 8 times faster; --tta turns it on"),
     Choice("overlap", "(window stride int(crop / 3))", "paper",
            "128³ windows at stride 42 (utils/slide_test_3D.py), last window flush with the edge",
-           "overlap 0.5: half the windows"),
+           "overlap 0.25: fewer windows (chosen by measurement, README \"Choosing the inference settings\")"),
     Choice("blend", "(uniform averaging)", "constant", "every window weighs the same (count_norm)",
            "gaussian: window centres weigh more, fewer seams"),
     Choice("flip_softmax", "(softmax of each flip's probabilities)", True,
