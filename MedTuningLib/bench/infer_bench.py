@@ -248,7 +248,7 @@ def bench_variants(args, events, cancel=None) -> dict:
 
 
 def bench_infer(args, events, cancel=None) -> dict:
-    from MedTuningLib.engine.device import resolve_device, resolve_precision
+    from MedTuningLib.engine.device import precision_name, resolve_device, resolve_precision
     from MedTuningLib.engine.infer import auto_sw_batch_size, predict_probabilities
 
     if getattr(args, "variant", None):
@@ -285,10 +285,10 @@ def bench_infer(args, events, cancel=None) -> dict:
             events.log(f"  {path}: {times[path][-1]:.1f} s")
     events.progress("infer", total, total)
 
-    result: dict = {"model": what, "volume": volume, "crop": list(crop), "overlap": describe_overlap(OVERLAP), "repeats": args.repeats,
-                    "device": str(device)}
+    result: dict = {"model": what, "volume": volume, "crop": list(crop), "overlap": describe_overlap(OVERLAP),
+                    "repeats": args.repeats, "device": str(device)}
     settings = {"plain": "fp32, no_grad, 1 window per forward",
-                "tuned": f"{str(dtype or 'fp32').replace('torch.', '')} autocast, weights cast once, inference_mode, "
+                "tuned": f"{precision_name(dtype)} autocast, weights cast once, inference_mode, "
                          f"{sw_batch} windows per forward"}
     for path in ("plain", "tuned"):
         result[path] = {"seconds": round(statistics.median(times[path]), 2), "all_s": [round(t, 2) for t in times[path]],

@@ -86,7 +86,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     import timm  # noqa: F401
     import monai  # noqa: F401
 
-    from MedTuningLib.engine.device import resolve_checkpointing, resolve_device, resolve_precision
+    from MedTuningLib.engine.device import precision_name, resolve_checkpointing, resolve_device, resolve_precision
     from MedTuningLib.engine.train import TrainingRun, make_loss, parse_backbone_args
     from MedTuningLib.models import AdapterConfig, ModelConfig, build_model
     from MedTuningLib.models.base import compact_frozen_weights, release_freed_memory
@@ -153,7 +153,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "step_s": statistics.median(times), "steps_s": [round(t, 4) for t in times],
         "peak_mb": round(peak_mb, 1), "peak_rss_mb": round(peak_rss, 1), "rss_imports_mb": round(rss_imports, 1),
         "rss_setup_mb": round(rss_setup, 1), "memory_kind": memory_kind,
-        "settings": {"precision": str(dtype or "fp32").replace("torch.", ""), "checkpointing": checkpointing,
+        "settings": {"precision": precision_name(dtype), "checkpointing": checkpointing,
                      "compact_frozen": compacted > 0, "batch": args.batch, "crop": [d, h, w],
                      "device": str(device), "threads": torch.get_num_threads(),
                      "global_branch": args.global_branch},

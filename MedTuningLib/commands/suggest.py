@@ -24,8 +24,6 @@ from typing import Any
 import numpy as np
 
 CANDIDATE_PROBABILITY = 0.1
-# Ranking needs a probability map, not the best segmentation: fewer windows than segment's default.
-SUGGEST_OVERLAP = 0.25
 
 
 def uncertainty(probs: np.ndarray, spacing: tuple[float, ...] = (1.0, 1.0, 1.0)) -> dict[str, Any]:
@@ -47,6 +45,7 @@ def run(args, ctx) -> dict:
     from MedTuningLib.data.preprocess import normalize_intensity
     from MedTuningLib.engine.device import resolve_device, resolve_precision
     from MedTuningLib.engine.infer import predict_on_input_grid
+    from MedTuningLib.engine.windows import DEFAULT_OVERLAP
     from MedTuningLib.engine.modelfolder import load_model_folder
     from MedTuningLib.errors import MedTuningError
 
@@ -74,7 +73,7 @@ def run(args, ctx) -> dict:
         spacing = tuple(float(s) for s in reversed(reference.GetSpacing()))  # (z, y, x), as the arrays
         # On the model's working grid, as segment sees the scan; scored on the scan's own voxels.
         probs = predict_on_input_grid(loaded.model, array, spacing, loaded.spacing, loaded.crop, device, dtype,
-                                      overlap=SUGGEST_OVERLAP, on_window=ctx.cancel.check)
+                                      overlap=DEFAULT_OVERLAP, on_window=ctx.cancel.check)
         entry = {"id": case.id, **uncertainty(probs.numpy(), spacing),
                  "images": [str(p) for p in case.image_paths]}
         ranking.append(entry)

@@ -52,10 +52,7 @@ def int8_linear_copy(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
         copy = quantize.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
-    try:
-        yield copy
-    finally:
-        del copy
+    yield copy
 
 
 def auto_sw_batch_size(device: torch.device) -> int:
@@ -78,8 +75,9 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
 
     ``dtype`` ``torch.qint8`` (``--precision int8``, CPU): the Linear layers of a copy run in int8
     (:func:`int8_linear_copy`). ``overlap`` may be one value per axis (D, H, W); ``mode`` is MONAI's blending
-    ("gaussian", or "constant": every window weighs the same). ``flip_softmax``: each flip's window-averaged probabilities go through a softmax again
-    before the flips are averaged, as the official code does (``--protocol paper``, engine/recipe.py).
+    ("gaussian", or "constant": every window weighs the same). ``flip_softmax``: each flip's window-averaged
+    probabilities go through a softmax again before the flips are averaged, as the official code does
+    (``--protocol paper``, engine/recipe.py).
     """
     from monai.inferers import sliding_window_inference
 

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from MedTuningLib.engine.device import peak_memory_mb
+from MedTuningLib.engine.device import peak_memory_mb, precision_name
 from MedTuningLib.engine.modelfolder import load_safetensors, now_iso, weights_to_store, write_model_folder
 from MedTuningLib.engine.resume import BEST_WEIGHTS
 from MedTuningLib.engine.scoring import score_test_cases
@@ -58,7 +58,7 @@ def publish_model(run: "TrainingRun", setup: ModelSetup, data: TrainingData, bes
             "epochs": epochs_done, "seconds": round(seconds, 1), "peak_memory_mb": round(peak_memory_mb(device), 1),
             "best": best["metrics"], "best_epoch": best["epoch"], "batch": opts.batch,
             "accumulate": opts.accumulate, "world_size": run.dist.world, "lr": opts.lr, "loss": opts.loss,
-            "precision": str(dtype or "fp32").replace("torch.", ""), "checkpointing": setup.checkpointing,
+            "precision": precision_name(dtype), "checkpointing": setup.checkpointing,
             "seed": opts.seed, "device": str(device), "library": str(Path(opts.library).absolute()),
             "train_cases": [c.id for c in data.train_cases], "val_cases": [c.id for c in data.val_cases],
             "validation": data.protocol,
