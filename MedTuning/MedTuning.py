@@ -131,6 +131,7 @@ class MedTuningParameterNode:
     method: Annotated[str, Choice(list(METHODS))] = "med_tuning"
     crop: str = ""
     batch: Annotated[int, WithinRange(1, 256)] = 2
+    spacing: str = ""  # working spacing: empty = auto
     caseSplit: Annotated[str, Choice(["train", "val", "test"])] = "train"
     retuneEpochs: Annotated[int, WithinRange(1, 1000)] = 10
 
@@ -728,6 +729,8 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return dict(task=p.task, labels=p.labels or None, backbone=self.ui.backboneComboBox.currentText or None,
                     weights=weights, arch=p.arch, method=p.method, epochs=p.epochs, minutes=p.minutes or None,
                     crop=crop, batch=p.batch, device=p.device,
+                    # A warm start keeps its model's spacing (the backend refuses one that differs).
+                    spacing=None if p.continueFromModel else (p.spacing.strip() or None),
                     init_from=model.path if (p.continueFromModel and model) else None)
 
     def onFineTuneButton(self) -> None:

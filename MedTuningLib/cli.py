@@ -225,9 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", choices=("val", "test", "train"), default="val",
                    help="split that picks the best epoch (falls back to the training cases when empty); 'test' is "
                         "refused: test cases are only ever scored, never used for selection")
-    p.add_argument("--spacing", default="auto", metavar="auto|native|X,Y,Z",
-                   help="working spacing in mm that every input is resampled to (recorded in the model): auto = the "
-                        "training cases' median (nnU-Net's rule for anisotropic data), native = each scan's own grid")
+    p.add_argument("--spacing", default=None, metavar="auto|native|X,Y,Z",
+                   help="working spacing in mm that every input is resampled to (recorded in the model): auto (the "
+                        "default) = the training cases' median (nnU-Net's rule for anisotropic data), native = each "
+                        "scan's own grid; a warm start keeps its model's")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_non_negative_int, default=DEFAULT_WORKERS,

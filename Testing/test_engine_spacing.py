@@ -97,3 +97,9 @@ def test_train_segment_and_evaluate_at_a_working_spacing(tmp_path, cli):
     assert status == 0, events[-3:]
     dice = [e["value"] for e in events if e["event"] == "metric" and e["name"].startswith("dice/")]
     assert dice and all(0.0 <= d <= 1.0 for d in dice)
+
+    # A warm start keeps the model's working spacing; a --spacing that contradicts it is refused.
+    status, events = cli(["train", "--library", str(library), "--out", str(tmp_path / "warm"), "--init-from",
+                          str(model), *TINY_TRAIN, "--crop", "4x16x16", "--spacing", "native", "--epochs", "1"])
+    assert status == 2 and events[-1]["code"] == "INVALID_OPTION", events[-3:]
+    assert "2 x 2 x 1.2 mm" in events[-1]["message"] and not (tmp_path / "warm").exists()

@@ -35,12 +35,16 @@ def test_train_every_option_round_trips(tmp_path):
     args = parse(TrainParams(library=lib, out=out, task="brats", source_labels="brats2019", arch="swin_unet",
                              backbone="swin_tiny_patch4_window7_224", weights="none", method="adapter", alpha=4.0,
                              crop=(8, 32, 32), batch=1, epochs=2, steps_per_epoch=3, minutes=1.5, lr=2e-3, device="cpu", seed=7,
-                             init_from=old, resume=True, force=True))
+                             spacing="0.8,0.8,2.5", init_from=old, resume=True, force=True))
     assert (args.library, args.out, args.init_from) == (lib, out, old)
     assert (args.task, args.source_labels, args.arch, args.method) == ("brats", "brats2019", "swin_unet", "adapter")
     assert args.crop == (8, 32, 32) and args.batch == 1 and args.epochs == 2 and args.steps_per_epoch == 3
     assert args.minutes == 1.5 and args.lr == 2e-3 and args.alpha == 4.0 and args.seed == 7
     assert args.resume and args.force and args.device == "cpu" and args.weights == "none"
+    assert args.spacing == "0.8,0.8,2.5"
+    from MedTuningLib.engine.train import TrainOptions
+
+    assert TrainOptions.from_args(args).spacing == "0.8,0.8,2.5"
 
 
 def test_values_that_look_like_options_stay_values():
@@ -57,7 +61,7 @@ def test_train_workdir_is_partial_folder(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(task="nope"), dict(method="lora"), dict(device="tpu"), dict(epochs=0),
-                                 dict(crop=(8, 32)), dict(lr=-1.0)])
+                                 dict(crop=(8, 32)), dict(lr=-1.0), dict(spacing="fine"), dict(spacing="1,2")])
 def test_train_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         TrainParams(library="L", out="M", **bad).argv()

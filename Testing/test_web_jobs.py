@@ -77,11 +77,19 @@ def test_cancel_a_fine_tune_from_the_page(app, tmp_path):
     page.locator("text=Advanced").click()
     for selector, value in {"#mt-train-crop": "8x32x32", "#mt-train-batch": "1", "#mt-train-steps": "4"}.items():
         page.locator(selector).fill(value)
+    # A working spacing the backend would refuse is caught on the page, before any job starts.
+    page.locator("#mt-train-spacing").fill("fine")
+    page.click("#mt-fine-tune")
+    page.wait_for_selector("#mt-error-text", timeout=30000)
+    assert "spacing" in error_text(page) and "X,Y,Z" in error_text(page), error_text(page)
+    assert not (root / "models" / "stopped.partial").exists()
+    page.locator("#mt-train-spacing").fill("4")
     page.click("#mt-fine-tune")
     page.wait_for_function("document.querySelector('#mt-job-text') && "
                            "document.querySelector('#mt-job-text').innerText.includes('Training')", timeout=600000)
     backend = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "train" in " ".join(p.cmdline())]
     assert backend, "the fine-tune runs as a separate backend process"
+    assert any("--spacing=4" in p.cmdline() for p in backend), [p.cmdline() for p in backend]
     shot(page, tmp_path / "screenshots", "fine-tune-running")
     page.click("#mt-cancel")
     assert wait_for_job(page, "train", "cancelled", timeout_s=180).startswith("train: cancelled"), error_text(page)

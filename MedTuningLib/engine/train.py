@@ -90,9 +90,10 @@ class TrainingRun:
     def _working_spacing(self, raw_train: list[dict]) -> tuple[float, float, float] | None:
         """The model's working spacing (z, y, x) or None (native): a warm start keeps its model's."""
         from MedTuningLib.data.spacing import describe, parse_spacing_option, working_spacing_for
+        from MedTuningLib.engine.warm_start import warm_start_spacing
 
         if self.parent is not None:
-            spacing = tuple(reversed(self.parent.spacing)) if self.parent.spacing else None
+            spacing = warm_start_spacing(self.opts, self.parent)
             origin = "kept from the model it starts from"
         else:
             spacing = working_spacing_for(parse_spacing_option(self.opts.spacing), raw_train)

@@ -85,7 +85,8 @@ class TrainOptions:
         parse_spacing_option(getattr(args, "spacing", None))  # INVALID_OPTION before anything is read or written
         explicit = {k: v for k, v in {"task": args.task, "labels": args.labels, "source_labels": args.source_labels,
                                       "arch": args.arch, "backbone": args.backbone, "method": args.method,
-                                      "segments": segments}.items() if v is not None}
+                                      "segments": segments, "spacing": getattr(args, "spacing", None)}.items()
+                    if v is not None}
         return cls(library=args.library, out=args.out, task=args.task or "custom", labels=args.labels,
                    source_labels=args.source_labels or "brats2015", arch=args.arch or "vit_upernet",
                    backbone=args.backbone,

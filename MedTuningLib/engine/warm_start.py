@@ -69,3 +69,21 @@ def warm_start_weights(opts: TrainOptions, parent) -> str | None:
                              "drop --weights (the model's base weights are used), or give the base-weights FILE "
                              "when it has moved (its sha256 is checked)")
     return opts.weights
+
+
+def warm_start_spacing(opts: TrainOptions, parent) -> tuple[float, float, float] | None:
+    """The model's working spacing (z, y, x), or None (native); a given ``--spacing`` that differs is refused."""
+    from MedTuningLib.data.spacing import describe, parse_spacing_option, same_spacing
+
+    theirs = tuple(reversed(parent.spacing)) if parent.spacing else None
+    given = opts.explicit.get("spacing")
+    wanted = parse_spacing_option(given) if given is not None else "auto"
+    if wanted == "auto":  # for a warm start: the model's
+        return theirs  # type: ignore[return-value]
+    ours = None if wanted == "native" else wanted
+    if (ours is None) != (theirs is None) or (ours is not None and not same_spacing(ours, theirs)):
+        raise MedTuningError("INVALID_OPTION", f"--spacing {given} contradicts the model {opts.init_from}, trained "
+                             f"at the working spacing {describe(theirs)}: a warm start keeps the model's setup",
+                             "drop --spacing (the model's is used), or train a new model without --init-from")
+    return theirs  # type: ignore[return-value]
+

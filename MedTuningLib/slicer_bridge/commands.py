@@ -83,6 +83,7 @@ class TrainParams:
     steps_per_epoch: Optional[int] = None
     minutes: Optional[float] = None
     lr: Optional[float] = None
+    spacing: Optional[str] = None  # working spacing: "auto", "native", one size or X,Y,Z in mm
     device: Optional[str] = None
     seed: Optional[int] = None
     init_from: Optional[PathLike] = None
@@ -100,6 +101,15 @@ class TrainParams:
             _positive(name, getattr(self, name))
         if self.crop is not None and (len(self.crop) != 3 or min(self.crop) < 1):
             raise ValueError(f"crop must be three positive sizes (D, H, W), not {self.crop!r}")
+        if self.spacing is not None:
+            # Imported here: the parser's module needs numpy (Slicer has it), the rest of the bridge does not.
+            from MedTuningLib.data.spacing import parse_spacing_option
+            from MedTuningLib.errors import MedTuningError
+
+            try:
+                parse_spacing_option(self.spacing)
+            except MedTuningError as exc:
+                raise ValueError(f"{exc.message}: {exc.hint}") from None
 
     def argv(self) -> list[str]:
         self.validate()
@@ -110,7 +120,8 @@ class TrainParams:
                 *_opt("method", self.method), *_opt("alpha", self.alpha), *_opt("crop", crop),
                 *_opt("batch", self.batch), *_opt("epochs", self.epochs),
                 *_opt("steps-per-epoch", self.steps_per_epoch), *_opt("minutes", self.minutes),
-                *_opt("lr", self.lr), *_opt("device", self.device), *_opt("seed", self.seed),
+                *_opt("lr", self.lr), *_opt("spacing", self.spacing), *_opt("device", self.device),
+                *_opt("seed", self.seed),
                 *_opt("init-from", self.init_from), *_flag("resume", self.resume), *_flag("force", self.force),
                 *self.extra]
 

@@ -198,6 +198,7 @@ class MedTuningUI:
                     _field("crop DxHxW", "crop", id="mt-train-crop")
                     _field("batch", "batch", type="number", id="mt-train-batch")
                     _field("steps per epoch (empty: one pass)", "steps_per_epoch", type="number", id="mt-train-steps")
+                    _field("working spacing mm (auto, native, 1.5 or X,Y,Z)", "spacing", id="mt-train-spacing")
         v3.VBtn("Fine-tune on my cases", block=True, color="primary", prepend_icon="mdi-school", id="mt-fine-tune",
                 disabled=("mt_job_running || !mt_cases.length",), click=self.fine_tune_clicked)
 
