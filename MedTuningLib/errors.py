@@ -102,6 +102,8 @@ CATALOGUE: dict[str, ErrorKind] = {
     # --- running -----------------------------------------------------------------------------
     "MEMORY_ESTIMATE_TOO_LARGE": ErrorKind(EXIT_BAD_INPUT, "The run would not fit in the device's memory."),
     "OUT_OF_MEMORY": ErrorKind(EXIT_FAILURE, "The device ran out of memory during the run."),
+    "DATA_WORKERS_FAILED": ErrorKind(EXIT_FAILURE, "A process preparing training crops (--workers) died, e.g. "
+                                                   "out of shared memory."),
     "TRAINING_DIVERGED": ErrorKind(EXIT_FAILURE, "The loss or the tuned weights became NaN or infinite."),
     "DISTRIBUTED_ERROR": ErrorKind(EXIT_FAILURE, "A distributed (torchrun) run could not be set up."),
     "CANCELLED": ErrorKind(EXIT_CANCELLED, "The run was cancelled; its state is resumable."),

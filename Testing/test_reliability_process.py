@@ -283,3 +283,26 @@ def test_an_ascii_locale_still_gives_utf8_json_lines_and_readable_text(tmp_path)
     jsonl = subprocess.run([sys.executable, "-c", script, "jsonl"], cwd=ROOT, env=env, capture_output=True, timeout=60)
     assert jsonl.returncode == 0, jsonl.stderr[-2000:]
     assert json.loads(jsonl.stdout.decode("utf-8"))["message"] == "Dice 0.91 \u00b1 0.02 on Donn\u00e9es"
+
+
+def test_a_crop_worker_that_dies_is_reported_with_what_to_do(library, tmp_path):
+    """A DataLoader worker killed mid-run (as the kernel does when /dev/shm is full): DATA_WORKERS_FAILED with the
+    --workers 0 hint, exit 3, the state resumable and no model folder that looks finished."""
+    import psutil
+
+    out = tmp_path / "model"
+    backend = Backend(["train", "--library", str(library), "--out", str(out), *TINY_TRAIN, "--labels", "Blob=1",
+                       "--epochs", "1000", "--steps-per-epoch", "2", "--workers", "1"])
+    try:
+        assert backend.wait_for(is_train_step, timeout=180) is not None, backend.stderr[-2000:]
+        workers = psutil.Process(backend.proc.pid).children()
+        assert len(workers) == 1, workers
+        workers[0].send_signal(signal.SIGBUS)
+        status = backend.finish(timeout=120)
+    finally:
+        if backend.proc.poll() is None:
+            backend.kill()
+    error = backend.events[-1]
+    assert status == 3 and error["event"] == "error" and error["code"] == "DATA_WORKERS_FAILED", backend.events[-3:]
+    assert "--workers 0" in error["hint"] and "Bus error" in error["message"], error
+    assert (tmp_path / "model.partial").is_dir() and not out.exists()

@@ -43,7 +43,7 @@ from MedTuningLib.engine.scoring import validate_cases
 from MedTuningLib.engine.setup import ModelSetup, prepare_model
 from MedTuningLib.engine.train_data import (DEFAULT_WORKERS, CropSampler, TrainingData, is_lateral, make_scheme,
                                             normalise_cases, onto_working_grid, read_case_for, read_cases,
-                                            read_raw_case, select_cases)
+                                            read_raw_case, select_cases, worker_failure)
 from MedTuningLib.engine.train_options import TrainOptions, parse_backbone_args
 from MedTuningLib.engine.warm_start import warm_start_modalities, warm_start_scheme, warm_start_weights
 from MedTuningLib.errors import Cancelled, MedTuningError
@@ -241,6 +241,9 @@ class TrainingRun:
             exc.outputs = {"partial": str(self.work)}  # type: ignore[attr-defined]
             raise
         except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            failed_worker = worker_failure(exc, opts.workers)
+            if failed_worker is not None:
+                raise failed_worker from exc
             # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError ("... can't allocate memory").
             if not isinstance(exc, torch.cuda.OutOfMemoryError) and not any(
                     text in str(exc) for text in ("out of memory", "can't allocate memory", "not enough memory")):

@@ -278,6 +278,24 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def worker_failure(exc: BaseException, workers: int) -> MedTuningError | None:
+    """The user's error for a crop worker that died (torch reports it as a RuntimeError, from wherever the main
+    process was when it noticed), or None when ``exc`` is something else."""
+    text = str(exc)
+    if "DataLoader worker" not in text:
+        return None
+    import shutil
+
+    shm = ""
+    if Path("/dev/shm").is_dir():  # where the workers hand their crops over (Linux)
+        usage = shutil.disk_usage("/dev/shm")
+        shm = f"; /dev/shm has {usage.free / 2**20:.0f} of {usage.total / 2**20:.0f} MB free"
+    return MedTuningError("DATA_WORKERS_FAILED", f"a process preparing training crops died ({text.strip()}){shm}",
+                          f"--workers 0 prepares the crops in the training process instead (the same results, "
+                          f"slower than --workers {workers}); in a container, give it more shared memory (docker run "
+                          "--shm-size 2g); the run is resumable with --resume")
+
+
 class CropSampler:
     """Training batches of random crops from cases held in memory, through a DataLoader over :class:`CropDataset`.
 
