@@ -95,3 +95,40 @@ def test_bench_infer_refuses_an_unknown_variant_key(cli):
                           "--variant", "speed=fast", "--device", "cpu"])
     assert status == 2
     assert any(e["event"] == "error" and e["code"] == "INVALID_OPTION" for e in events)
+
+
+def test_bench_infer_tta_variants():
+    from MedTuningLib.bench.infer_bench import parse_variant
+
+    assert parse_variant("tta=on") == {"tta": True}  # segment's way: each window's flips in its forward call
+    assert parse_variant("tta=volume overlap=0") == {"tta": True, "flips_per": "volume", "overlap": 0.0}
+    assert parse_variant("tta=off") == {"tta": False}
+    with pytest.raises(MedTuningError) as caught:
+        parse_variant("tta=maybe")
+    assert caught.value.code == "INVALID_OPTION" and "volume" in caught.value.hint
+
+
+def test_tta_flips_each_window_in_its_forward_call_as_one_pass_per_flipped_volume_would():
+    """On a window grid that flipping maps onto itself, mirroring each window inside its forward call gives the
+    per-volume passes' probabilities, in an eighth of the calls (each eight times as wide)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 3, 3, padding=1)  # not flip-equivariant: every flip predicts something else
+    calls: list[int] = []
+
+    class Counted(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return conv(x)
+
+    volume = torch.randn(1, 12, 20, 20)  # crop 4x8x8 at overlap 0.5: starts 0,2,..,8 and 0,4,..,12 (symmetric)
+    per_window = predict_probabilities(Counted(), volume, (4, 8, 8), CPU, None, overlap=0.5, tta=True,
+                                       sw_batch_size=2)
+    window_calls, calls[:] = list(calls), []
+    per_volume = predict_probabilities(Counted(), volume, (4, 8, 8), CPU, None, overlap=0.5, tta=True,
+                                       sw_batch_size=2, flips_per="volume")
+    windows = 5 * 4 * 4
+    assert len(window_calls) == windows // 2 and set(window_calls) == {2 * 8}
+    assert len(calls) == 8 * windows // 2 and set(calls) == {2}
+    torch.testing.assert_close(per_window, per_volume, rtol=1e-5, atol=1e-6)
+    plain = predict_probabilities(Counted(), volume, (4, 8, 8), CPU, None, overlap=0.5, sw_batch_size=2)
+    assert (plain - per_window).abs().max() > 1e-3  # the flips were really applied

@@ -36,7 +36,8 @@ OVERLAP = DEFAULT_OVERLAP  # the segment command's default overlap
 VARIANT_KEYS = {"overlap": "window overlap, one fraction or D,H,W (as --overlap)",
                 "precision": "auto, fp32, bf16 or int8 (as --precision)",
                 "sw_batch": "windows per forward call",
-                "tta": "on / off: flip test-time augmentation",
+                "tta": "on / off / volume: flip test-time augmentation (on: each window's flips in its forward "
+                       "call, as segment does; volume: one pass per flipped volume)",
                 "threads": "PyTorch CPU threads (torch.set_num_threads)"}
 
 
@@ -57,9 +58,11 @@ def parse_variant(text: str) -> dict:
                                      "use one of " + ", ".join(INFERENCE_PRECISIONS))
             variant[key] = value
         elif key == "tta":
-            if value not in ("on", "off"):
-                raise MedTuningError("INVALID_OPTION", f"--variant tta={value}", "use tta=on or tta=off")
-            variant[key] = value == "on"
+            if value not in ("on", "off", "volume"):
+                raise MedTuningError("INVALID_OPTION", f"--variant tta={value}", "use tta=on, off or volume")
+            variant[key] = value != "off"
+            if value == "volume":
+                variant["flips_per"] = "volume"
         else:
             try:
                 variant[key] = int(value)
@@ -198,7 +201,7 @@ def bench_variants(args, events, cancel=None) -> dict:
                                           resolve_precision(settings.get("precision", "auto"), device),
                                           overlap=settings.get("overlap", DEFAULT_OVERLAP),
                                           tta=settings.get("tta", False), sw_batch_size=settings.get("sw_batch"),
-                                          on_window=on_window)
+                                          flips_per=settings.get("flips_per", "window"), on_window=on_window)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         finally:

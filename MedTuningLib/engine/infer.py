@@ -1,7 +1,7 @@
 """Inference: sliding-window prediction over whole volumes and writing results.
 
 MONAI's ``sliding_window_inference`` does the windowing (training crop size, overlap, Gaussian
-blending); optional flip test-time augmentation averages the softmax over mirrored inputs. A model with a
+blending); optional flip test-time augmentation averages the softmax over mirrored copies of each window. A model with a
 working spacing (data/spacing.py) sees the scan resampled to it; its probabilities go back to the
 input's own voxel grid before the argmax, so the written ``.seg.nrrd`` has the input volume's
 geometry exactly.
@@ -65,7 +65,7 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
                           tta: bool = False,
                           sw_batch_size: int | None = None, on_window: Callable[[], None] | None = None,
                           flip_axes: Sequence[int] = (0, 1, 2), mode: str = "gaussian",
-                          flip_softmax: bool = False) -> torch.Tensor:
+                          flip_softmax: bool = False, flips_per: str = "window") -> torch.Tensor:
     """Softmax probabilities ``[K, D, H, W]`` (float32, CPU) for one normalised volume ``[C, D, H, W]``.
 
     The tuned inference path (measured by ``medtuning bench infer``): ``torch.inference_mode``; under
@@ -78,6 +78,10 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
     ("gaussian", or "constant": every window weighs the same). ``flip_softmax``: each flip's window-averaged
     probabilities go through a softmax again before the flips are averaged, as the official code does
     (``--protocol paper``, engine/recipe.py).
+
+    ``tta``: the mirrored copies of each window go through the network in the same forward call as the window
+    and are averaged there (``flips_per="window"``, as nnU-Net mirrors each window), so the volume is windowed
+    once; ``"volume"`` (and ``flip_softmax``, which needs it) runs one sliding-window pass per flipped volume.
     """
     from monai.inferers import sliding_window_inference
 
@@ -91,19 +95,25 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
     weights = int8_linear_copy(model) if int8 else contextlib.nullcontext(model)
     autocast_dtype = None if int8 else dtype
 
+    if flips_per not in ("window", "volume"):
+        raise ValueError(f"flips_per must be 'window' or 'volume', not {flips_per!r}")
     flips = tta_flips(flip_axes) if tta else [()]
+    window_flips = flips if len(flips) > 1 and flips_per == "window" and not flip_softmax else [()]
+    volume_flips = flips if window_flips == [()] else [()]
     total = None
     try:
         with weights as net, compact_weights(net, autocast_dtype), torch.inference_mode():
             def window_probs(x: torch.Tensor) -> torch.Tensor:
                 if on_window is not None:
                     on_window()  # lets a caller cancel between windows
+                batch = torch.cat([torch.flip(x, axes) if axes else x for axes in window_flips])
                 with autocast(device, autocast_dtype):
-                    logits = net(x)
-                return torch.softmax(logits.float(), dim=1)
+                    logits = net(batch)
+                probs = torch.softmax(logits.float(), dim=1).chunk(len(window_flips))
+                return sum(torch.flip(p, axes) if axes else p for p, axes in zip(probs, window_flips)) / len(probs)
 
             inputs = image.unsqueeze(0).to(device=device, dtype=torch.float32)
-            for axes in flips:
+            for axes in volume_flips:
                 flipped = torch.flip(inputs, axes) if axes else inputs
                 probs = sliding_window_inference(flipped, roi_size=list(crop), sw_batch_size=sw_batch_size,
                                                  predictor=window_probs, overlap=overlap, mode=mode,
@@ -112,7 +122,7 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
                 if flip_softmax:
                     probs = torch.softmax(probs, dim=1)
                 total = probs if total is None else total + probs
-            result = (total / len(flips))[0].float().cpu()
+            result = (total / len(volume_flips))[0].float().cpu()
     finally:
         model.train(was_training)
     return result.clone()  # a normal tensor (not an inference-mode one) for the caller
