@@ -89,8 +89,6 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
 
     was_training = model.training
     model.eval()
-    if sw_batch_size is None:
-        sw_batch_size = auto_sw_batch_size(device)
     int8 = dtype == torch.qint8
     weights = int8_linear_copy(model) if int8 else contextlib.nullcontext(model)
     autocast_dtype = None if int8 else dtype
@@ -100,6 +98,10 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
     flips = tta_flips(flip_axes) if tta else [()]
     window_flips = flips if len(flips) > 1 and flips_per == "window" and not flip_softmax else [()]
     volume_flips = flips if window_flips == [()] else [()]
+    if sw_batch_size is None:
+        # A window's mirrored copies already make a batch of 8: one window per call keeps the batch (and its
+        # memory, e.g. the Swin-UNet decoder at full resolution) within twice that of the plain run.
+        sw_batch_size = 1 if len(window_flips) > 1 else auto_sw_batch_size(device)
     total = None
     try:
         with weights as net, compact_weights(net, autocast_dtype), torch.inference_mode():
