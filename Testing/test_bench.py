@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +142,20 @@ def test_weight_casts_match_autocast_and_restore():
     assert compact_frozen_weights(net, torch.bfloat16) == 2
     assert net[0].weight.dtype == torch.bfloat16 and net[2].weight.dtype == torch.float32
     assert compact_frozen_weights(net, None) == 0
+
+
+def test_activation_memory_script_charges_saved_tensors_to_the_parts_that_keep_them():
+    """bench/activation_memory.py: a frozen block keeps less for the backward pass than a trained one, the
+    Med-Adapters' own activations are charged to them, and the optimizer state follows the tuned parameters."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "activation_memory.py"
+    spec = importlib.util.spec_from_file_location("activation_memory", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    full = script.measure("vit_upernet", "full", (2, 32, 32), 1)
+    tuned = script.measure("vit_upernet", "med_tuning", (2, 32, 32), 1)
+    assert full["inserted"] == 0 and tuned["inserted"] > 0
+    assert 0 < tuned["blocks"] < full["blocks"] and tuned["decoder"] == pytest.approx(full["decoder"])
+    assert tuned["optimizer"] == pytest.approx(16 * tuned["tuned_m"] * 1e6 / 2**20)
+    assert tuned["optimizer"] < full["optimizer"]
