@@ -5,7 +5,8 @@
 #
 # Writes into OUT_DIR: train-<arch>.json / .md (bench train: tables (a) same settings, (b) own defaults),
 # infer-<arch>.json / .md (bench infer: plain fp32 vs the tuned path, seconds per volume), machine.txt
-# (nvidia-smi, torch), peers.json / .md (bench peers) and README.md (everything in one file). Base weights are random (timing only).
+# (nvidia-smi, torch), settings-<arch>.json / .md (bench infer --variant: precision, windows per call, TTA),
+# peers.json / .md (bench peers) and README.md (everything in one file). Base weights are random (timing only).
 # BRATS_CASE (default ../shared/data/brats2015/brats_2013_pat0003_1) gives the real volume for bench infer
 # (Flair + T1c, with its label); without it a synthetic 155x240x240 volume is used.
 set -euo pipefail
@@ -56,6 +57,14 @@ for ARCH in vit_upernet swin_unet; do
         "$PY" -m MedTuningLib bench infer --arch "$ARCH" --crop "$CROP" --size 155x240x240 --repeats 3 \
             --device cuda --json "$OUT/infer-$ARCH.json" > "$OUT/infer-$ARCH.md"
     fi
+
+    # The inference settings on a GPU (README "Choosing the inference settings" has the CPU's): precision,
+    # windows per call, and the two ways of running test-time flips. Dice against the first variant.
+    echo "== bench infer $ARCH: settings" >&2
+    "$PY" -m MedTuningLib bench infer --arch "$ARCH" --crop "$CROP" --size 155x240x240 --repeats 3 --device cuda \
+        --variant precision=fp32 --variant precision=bf16 --variant precision=fp16 --variant sw_batch=1 \
+        --variant sw_batch=8 --variant tta=on --variant tta=volume \
+        --json "$OUT/settings-$ARCH.json" > "$OUT/settings-$ARCH.md"
 done
 
 # MedTuning against nnU-Net's 3d_fullres network and MONAI's SwinUNETR / SegResNet, each on its own grid, on a
@@ -79,6 +88,9 @@ PEERS_ARGS=(--device cuda --json "$OUT/peers.json")
         echo
         echo "## $ARCH: inference"
         cat "$OUT/infer-$ARCH.md"
+        echo
+        echo "## $ARCH: inference settings (bench infer --variant)"
+        cat "$OUT/settings-$ARCH.md"
     done
     echo
     echo "## MedTuning and its peers: one clinical-size CT, each on its own grid (bench peers)"
