@@ -119,6 +119,7 @@ class MedTuningParameterNode:
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     outputSegmentation: vtkMRMLSegmentationNode  # None: create a new node (never overwrite unasked)
     tta: bool = False
+    fast: bool = False  # segment --fast: no window overlap, int8 on a CPU
     task: Annotated[str, Choice(["custom", "kits", "brats"])] = "custom"
     labels: str = ""
     modalityNames: str = "CT"
@@ -700,10 +701,10 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         scope = self.ui.segmentScopeComboBox.currentIndex
         if scope in (SCOPE_SCENE, SCOPE_STUDY):
             self._startJob(lambda: self.logic.mrml.start_batch_segmentation(model, self._batchVolumes(model, scope),
-                                                                            p.device, p.tta))
+                                                                            p.device, p.tta, fast=p.fast))
             return
         self._startJob(lambda: self.logic.mrml.start_segmentation(model, volumes, p.device, p.tta,
-                                                                  p.outputSegmentation))
+                                                                  p.outputSegmentation, fast=p.fast))
 
     def _batchVolumes(self, model: ModelInfo, scope: int) -> list:
         """One scan per volume: every volume of the scene, or of the first input volume's DICOM study."""

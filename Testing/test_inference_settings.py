@@ -132,3 +132,28 @@ def test_tta_flips_each_window_in_its_forward_call_as_one_pass_per_flipped_volum
     torch.testing.assert_close(per_window, per_volume, rtol=1e-5, atol=1e-6)
     plain = predict_probabilities(Counted(), volume, (4, 8, 8), CPU, None, overlap=0.5, sw_batch_size=2)
     assert (plain - per_window).abs().max() > 1e-3  # the flips were really applied
+
+
+def test_fast_segments_without_overlap_in_int8_on_a_cpu_and_given_options_win(tmp_path, cli):
+    from engine_helpers import TINY_TRAIN, make_blob_library
+
+    library = make_blob_library(cli, tmp_path, n_train=1, n_test=1)
+    model = tmp_path / "model"
+    status, events = cli(["train", "--library", str(library), "--out", str(model), "--labels", "Blob=1", *TINY_TRAIN,
+                          "--epochs", "1", "--steps-per-epoch", "1", "--spacing", "native"])
+    assert status == 0, events[-3:]
+    image = tmp_path / "src" / "case1.nrrd"
+
+    def segment(*extra):
+        status, events = cli(["segment", "--model", str(model), "--image", str(image), "--out",
+                              str(tmp_path / "out.seg.nrrd"), "--device", "cpu", "--force", *extra])
+        assert status == 0, events[-3:]
+        return [e["message"] for e in events if e["event"] == "log" and e["message"].startswith("fast settings")]
+
+    assert segment("--fast") == ["fast settings: window overlap 0, precision int8"]
+    assert segment("--fast", "--overlap", "0.5", "--precision", "fp32") == [
+        "fast settings: window overlap 0.5, precision fp32"]
+    assert segment() == []
+    status, events = cli(["evaluate", "--model", str(model), "--library", str(library), "--fast", "--protocol",
+                          "paper", "--device", "cpu"])
+    assert status == 2 and events[-1]["code"] == "INVALID_OPTION" and "--fast" in events[-1]["message"]

@@ -71,7 +71,8 @@ def test_segment_images_in_channel_order(tmp_path):
     images = [tmp_path / "T1 ce.nrrd", tmp_path / "FLAIR.nrrd", tmp_path / "T2 ü.nrrd"]
     args = parse(SegmentParams(model=tmp_path / "model", images=images, out=tmp_path / "out.seg.nrrd",
                                tta=True, device="cuda"))
-    assert args.image == images and args.tta and args.device == "cuda" and not args.force
+    assert args.image == images and args.tta and args.device == "cuda" and not args.force and not args.fast
+    assert parse(SegmentParams(model="M", images=images[:1], out="r.seg.nrrd", fast=True)).fast
     with pytest.raises(ValueError):
         SegmentParams(model="M", images=[], out="r.seg.nrrd").argv()
 

@@ -12,11 +12,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from conftest import run_cli
 from web_helpers import (chromium, error_text, open_app, publish_screenshots, require_chromium, shot, text, wait_for_job,
-                         web_server)
+                         wait_until, web_server)
 
 SEGMENTS = "right lung,left lung"
 
@@ -145,7 +146,18 @@ def test_segment_correct_add_retune_segment_again(tiny_model, data, tmp_path):
         assert len(new_models) == 1, new_models
         retuned_name = new_models[0]
         page.wait_for_selector(f"[data-model='{retuned_name}'].bg-primary", timeout=30000)
+        page.check("#mt-fast")  # the page's fast settings reach the backend as segment --fast
+        shot(page, shots, "08-fast-checked")
         page.click("#mt-segment")
+
+        def fast_backend() -> bool:
+            try:
+                children = psutil.Process(server.proc.pid).children(recursive=True)
+                return any("segment" in c.cmdline() and "--fast" in c.cmdline() for c in children)
+            except psutil.Error:
+                return False
+
+        assert wait_until(fast_backend, 120), "segment runs with --fast"
         assert wait_for_job(page, "segment") == "segment: done", error_text(page) + server.stderr_tail()
         page.wait_for_function(f"document.querySelector('#mt-result-name').innerText.includes('{retuned_name}')",
                                timeout=30000)

@@ -173,13 +173,16 @@ def check_replaceable(job: ScanJob, force: bool, model: Path) -> None:
 def run(args, ctx) -> dict:
     from MedTuningLib.engine.device import resolve_device, resolve_precision
     from MedTuningLib.engine.modelfolder import load_model_folder
-    from MedTuningLib.engine.recipe import protocol_options
+    from MedTuningLib.engine.recipe import fast_options, protocol_options
     from MedTuningLib.fileio import check_writable_dir
 
     events = ctx.events
     device = resolve_device(args.device)
     events.start("segment", device=str(device))
     protocol_options(args, ctx.argv)  # --protocol paper: fp32, no --overlap
+    fast = fast_options(args, ctx.argv, device.type)  # --fast: no overlap, int8 on a CPU
+    if fast:
+        ctx.events.log(fast)
     if getattr(args, "batch_list", None) is not None:
         return run_batch(args, ctx, device)
     job = _single_job(args)

@@ -305,6 +305,29 @@ def protocol_options(args: argparse.Namespace, argv: Sequence[str]) -> None:
         args.precision = "fp32"
 
 
+def fast_options(args: argparse.Namespace, argv: Sequence[str], device_type: str) -> str | None:
+    """``--fast`` on segment / evaluate: no window overlap and, on a CPU, int8 Linear layers (engine/windows.py),
+    unless ``--overlap`` / ``--precision`` are given. Changes ``args`` in place; returns what it set, for the log."""
+    from MedTuningLib.engine.windows import FAST_CPU_PRECISION, FAST_OVERLAP
+    from MedTuningLib.errors import MedTuningError
+
+    if not getattr(args, "fast", False):
+        return None
+    if getattr(args, "protocol", "project") == "paper":
+        raise MedTuningError("INVALID_OPTION", "--fast cannot be combined with --protocol paper, which fixes the "
+                             "windows, the precision and the flips", "drop one of them")
+    explicit: set[str] = set()
+    if argv:
+        from MedTuningLib.cli import build_parser
+
+        explicit = explicit_dests(build_parser(), argv)
+    if "overlap" not in explicit:
+        args.overlap = FAST_OVERLAP
+    if "precision" not in explicit and device_type == "cpu":
+        args.precision = FAST_CPU_PRECISION
+    return f"fast settings: window overlap {describe_overlap(args.overlap)}, precision {args.precision}"
+
+
 def protocol_for(args: argparse.Namespace, crop: Sequence[int]) -> InferenceProtocol | None:
     """The paper protocol for a loaded model's crop when ``--protocol paper`` was given, else None."""
     if getattr(args, "protocol", "project") != "paper":

@@ -85,8 +85,9 @@ class MedTuningMrmlLogic:
 
     # -- segment ---------------------------------------------------------------------------------
     def start_segmentation(self, model: ModelInfo, volumes: Sequence[Any], device: str = "auto", tta: bool = False,
-                           output_node: Any = None, name: str = "") -> Job:
-        """Export the volumes, run ``segment``; the job's result is the segmentation node."""
+                           output_node: Any = None, name: str = "", fast: bool = False) -> Job:
+        """Export the volumes, run ``segment``; the job's result is the segmentation node. ``fast``: the
+        backend's quickest settings (no window overlap, int8 on a CPU)."""
         if not model.usable:
             raise MrmlError(f"The model {model.name} cannot be used: {model.problem}")
         if len(volumes) != len(model.modalities) or any(not is_volume(v) or is_labelmap(v) for v in volumes):
@@ -99,7 +100,7 @@ class MedTuningMrmlLogic:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
         out = namer.path("result", ".seg.nrrd")
-        params = SegmentParams(model=model.path, images=images, out=out, tta=tta, device=device)
+        params = SegmentParams(model=model.path, images=images, out=out, tta=tta, fast=fast, device=device)
         title = name or f"{volumes[0].GetName()} {model.name}"
 
         def finish(state: RunState) -> Any:
@@ -112,8 +113,8 @@ class MedTuningMrmlLogic:
 
     def start_batch_segmentation(self, model: ModelInfo, scans: Sequence[Any], device: str = "auto",
                                  tta: bool = False, show_3d: bool = True,
-                                 on_scan: Optional[Callable[[BatchScanNodes, Any, Optional[ScanFailure]], None]] = None
-                                 ) -> BatchSegmentation:
+                                 on_scan: Optional[Callable[[BatchScanNodes, Any, Optional[ScanFailure]], None]] = None,
+                                 fast: bool = False) -> BatchSegmentation:
         """Segment many scans in one backend job (the model is loaded once).
 
         ``scans``: volumes (one-modality models) or one sequence of volumes per scan, in the model's
@@ -147,7 +148,7 @@ class MedTuningMrmlLogic:
             return listing, nodes
 
         temp_dir, (listing, nodes) = self._exported(export_all)
-        params = SegmentBatchParams(model=model.path, batch_list=listing, tta=tta, device=device)
+        params = SegmentBatchParams(model=model.path, batch_list=listing, tta=tta, fast=fast, device=device)
 
         def load(scan: BatchScanNodes) -> Any:
             node = load_result(self.context, scan.out, scan.volumes[0], None, scan.name, show_3d)

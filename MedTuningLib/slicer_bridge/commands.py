@@ -142,6 +142,7 @@ class SegmentParams:
     out: PathLike
     labelmap: Optional[PathLike] = None
     tta: bool = False
+    fast: bool = False  # no window overlap, int8 on a CPU (the backend's --fast)
     device: Optional[str] = None
     weights: Optional[PathLike] = None
     force: bool = False
@@ -155,7 +156,8 @@ class SegmentParams:
         images = _paths("--image", self.images)
         return ["segment", *_opt("model", self.model), *[t for p in images for t in _opt("image", p)],
                 *_opt("out", self.out), *_opt("labelmap", self.labelmap), *_flag("tta", self.tta),
-                *_opt("weights", self.weights), *_opt("device", self.device), *_flag("force", self.force),
+                *_flag("fast", self.fast), *_opt("weights", self.weights), *_opt("device", self.device),
+                *_flag("force", self.force),
                 *[t for uid in self.series for t in _opt("series", uid)], *_opt("dicom-seg", self.dicom_seg),
                 *_opt("seg-type", self.seg_type)]
 
@@ -206,6 +208,7 @@ class SegmentBatchParams:
     batch_format: Optional[str] = None
     seg_type: Optional[str] = None
     tta: bool = False
+    fast: bool = False
     device: Optional[str] = None
     weights: Optional[PathLike] = None
     force: bool = False
@@ -216,7 +219,8 @@ class SegmentBatchParams:
         _choice("seg_type", self.seg_type, ("binary", "fractional"))
         return ["segment", *_opt("model", self.model), *_opt("batch-list", self.batch_list), *_opt("out", self.out),
                 *_opt("batch-format", self.batch_format), *_opt("seg-type", self.seg_type), *_flag("tta", self.tta),
-                *_opt("weights", self.weights), *_opt("device", self.device), *_flag("force", self.force)]
+                *_flag("fast", self.fast), *_opt("weights", self.weights), *_opt("device", self.device),
+                *_flag("force", self.force)]
 
 
 @dataclass

@@ -136,6 +136,11 @@ class MedTuningUI:
                        items=("mt_volumes",), item_title="name", item_value="id", model_value=("vid",),
                        update_modelValue="mt_inputs = {...mt_inputs, [modality]: $event}", density="compact",
                        hide_details=True, classes="mb-2")
+        with html.Div(classes="d-flex"):
+            v3.VCheckbox(label="test-time flips", v_model=("mt_tta", False), density="compact", hide_details=True,
+                         id="mt-tta")
+            v3.VCheckbox(label="fast (no overlap; int8 on a CPU)", v_model=("mt_fast", False), density="compact",
+                         hide_details=True, id="mt-fast")
         v3.VBtn("Segment", block=True, color="primary", prepend_icon="mdi-creation", classes="mt-2", id="mt-segment",
                 disabled=("mt_job_running || !mt_model_path || !mt_volumes.length",), click=self.segment_clicked)
 

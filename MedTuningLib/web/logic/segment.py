@@ -36,6 +36,8 @@ class SegmentLogic:
         self.result_model: Any = None
         self.model_output: Optional[Path] = None
         server.state.mt_result = None  # {"name", "model", "segments": [...]}
+        server.state.mt_tta = False  # the page's test-time flips and fast settings for Segment
+        server.state.mt_fast = False
 
     def segment(self) -> None:
         model = self.models.selected()
@@ -49,7 +51,9 @@ class SegmentLogic:
                                  f"{model.name} expects {len(model.modalities)} volume(s): {', '.join(model.modalities)}",
                                  "load a scan for every modality and choose it in the list")
             return
-        self.jobs.start("segment", lambda: self.logic.start_segmentation(model, volumes, device=self.logic.settings.device),
+        tta, fast = bool(self.server.state.mt_tta), bool(self.server.state.mt_fast)
+        self.jobs.start("segment", lambda: self.logic.start_segmentation(model, volumes, device=self.logic.settings.device,
+                                                                        tta=tta, fast=fast),
                         after=lambda job: self._finished(job, volumes, model))
 
     def _finished(self, job: Job, volumes: list[Any], model: Any) -> None:
