@@ -48,6 +48,26 @@ def test_resampling_to_the_working_grid_and_back_keeps_a_structure():
     assert to_working_grid(probs, spacing, None) is probs and to_working_grid(probs, spacing, spacing) is probs
 
 
+def test_the_way_back_interpolates_as_simpleitk_does_on_the_same_grids():
+    """to_input_grid (PyTorch) against SimpleITK's linear resampling with the voxel edges aligned: the same
+    values wherever SimpleITK interpolates; past the working grid's last voxel centre both take edge values."""
+    from MedTuningLib.data.spacing import _resample
+
+    rng = np.random.default_rng(0)
+    spacing, working, shape = (1.68, 0.72, 0.72), (1.5, 1.5, 1.5), (20, 51, 53)
+    grid = working_shape(shape, spacing, working)
+    probs = rng.dirichlet(np.ones(3), size=grid).transpose(3, 0, 1, 2).astype(np.float32)
+    back = to_input_grid(probs, working, spacing, shape)
+    assert back.shape == (3, *shape)
+    reference = np.stack([_resample(p, working, shape, spacing, False) for p in probs])
+    # Input voxels whose centres lie within the working grid's buffer (continuous index <= n - 0.5 on every axis).
+    inside = [((np.arange(n) + 0.5) * s / t - 0.5) <= m - 0.5 for n, s, t, m in zip(shape, spacing, working, grid)]
+    region = np.ix_(*[np.flatnonzero(axis) for axis in inside])
+    assert not all(axis.all() for axis in inside)  # the grid has input voxels past the working grid's edge
+    np.testing.assert_allclose(back[(slice(None), *region)], reference[(slice(None), *region)], atol=1e-5)
+    np.testing.assert_allclose(back.sum(0), 1.0, atol=1e-5)  # still probabilities everywhere
+
+
 def test_a_manifest_without_spacing_means_native():
     data = {"format_version": FORMAT_VERSION, "architecture": {"arch": "vit_upernet"}, "base_weights": "none",
             "modalities": ["CT"], "label_scheme": {}, "preprocessing": {}, "crop": [4, 32, 32], "stored": "full"}

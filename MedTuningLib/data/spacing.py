@@ -120,10 +120,29 @@ def to_working_grid(array: np.ndarray, spacing: Sequence[float], target: Sequenc
 def to_input_grid(probs: np.ndarray, target: Sequence[float] | None, spacing: Sequence[float],
                   shape: Sequence[int]) -> np.ndarray:
     """Probabilities ``[K, d, h, w]`` on the working grid back onto the input grid (``shape`` at ``spacing``),
-    linearly, so the argmax is taken on the input grid."""
+    linearly, so the argmax is taken on the input grid.
+
+    PyTorch's trilinear interpolation with the spacing ratio as its scale and ``align_corners=False`` places the
+    grids as :func:`_resample` does (voxel edges aligned) and is several times faster than SimpleITK on a
+    clinical grid (5.2 s against 1.0 s for 3 x 512 x 512 x 200 on two cores). One replicated voxel at the far
+    edges lets the output cover ``shape``: voxels past the working grid's last centre take its edge values,
+    interpolated along the other axes (SimpleITK's nearest-neighbour extrapolation does not interpolate there).
+    """
     if same_spacing(spacing, target) and tuple(probs.shape[-3:]) == tuple(shape):
         return probs
-    return np.stack([_resample(p.astype(np.float32, copy=False), target, shape, spacing, False) for p in probs])
+    import torch
+    import torch.nn.functional as F
+
+    d, h, w = (int(n) for n in shape)
+    with torch.inference_mode():
+        source = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None]
+        source = F.pad(source, (0, 1, 0, 1, 0, 1), mode="replicate")
+        scale = [float(t) / float(s) for t, s in zip(target, spacing)]  # type: ignore[arg-type]
+        out = F.interpolate(source, scale_factor=scale, mode="trilinear", align_corners=False,
+                            recompute_scale_factor=False)
+    if any(n < m for n, m in zip(out.shape[-3:], (d, h, w))):
+        raise RuntimeError(f"resampled grid {tuple(out.shape[-3:])} does not cover the input grid {(d, h, w)}")
+    return out[0, :, :d, :h, :w].numpy()  # a view: no copy of a clinical-size array
 
 
 def describe(spacing: Sequence[float] | None) -> str:
