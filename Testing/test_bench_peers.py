@@ -8,7 +8,8 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
-from MedTuningLib.bench.peers_bench import nnunet_plan, windows_per_volume
+from MedTuningLib.bench.peers_bench import nnunet_plan
+from MedTuningLib.engine.windows import windows_per_volume
 
 TINY = ["--spacing", "2,2,2", "--crop", "4x32x32", "--backbone-args", "depth=4,embed_dim=48,num_heads=2,patch_size=8",
         "--decoder-width", "16", "--nnunet-patch", "16x32x32", "--monai-window", "64x64x64", "--device", "cpu"]

@@ -10,7 +10,7 @@ import torch
 
 from MedTuningLib.engine.device import resolve_precision
 from MedTuningLib.engine.infer import predict_probabilities
-from MedTuningLib.engine.windows import DEFAULT_OVERLAP, parse_overlap
+from MedTuningLib.engine.windows import DEFAULT_OVERLAP, parse_overlap, windows_per_volume
 from MedTuningLib.errors import MedTuningError
 from MedTuningLib.models import ModelConfig, build_model
 
@@ -148,9 +148,17 @@ def test_fast_segments_without_overlap_in_int8_on_a_cpu_and_given_options_win(tm
         status, events = cli(["segment", "--model", str(model), "--image", str(image), "--out",
                               str(tmp_path / "out.seg.nrrd"), "--device", "cpu", "--force", *extra])
         assert status == 0, events[-3:]
+        last_events[:] = events
         return [e["message"] for e in events if e["event"] == "log" and e["message"].startswith("fast settings")]
 
+    last_events: list[dict] = []
+
     assert segment("--fast") == ["fast settings: window overlap 0, precision int8"]
+    # Every forward call is reported, with the time left: the progress bar moves while the scan is segmented.
+    infer = [e for e in last_events if e["event"] == "progress" and e["phase"] == "infer"]
+    calls = windows_per_volume((8, 40, 40), (4, 32, 32), 0.0) // 2  # two windows per call on a CPU
+    assert [e["step"] for e in infer[1:]] == list(range(1, calls + 1)) and {e["total"] for e in infer[1:]} == {calls}
+    assert infer[-1]["eta_s"] == 0 and all(e["eta_s"] >= 0 for e in infer[1:])
     assert segment("--fast", "--overlap", "0.5", "--precision", "fp32") == [
         "fast settings: window overlap 0.5, precision fp32"]
     assert segment() == []

@@ -38,7 +38,8 @@ import time
 
 import numpy as np
 
-from MedTuningLib.engine.windows import DEFAULT_OVERLAP, INFERENCE_PRECISIONS, describe_overlap, overlap_argument
+from MedTuningLib.engine.windows import (DEFAULT_OVERLAP, INFERENCE_PRECISIONS, describe_overlap, overlap_argument,
+                                         windows_per_volume)
 
 SYSTEMS = ("medtuning:vit_upernet", "medtuning:swin_unet", "nnunet", "swinunetr", "segresnet")
 NUM_CLASSES = 3  # background, kidney, tumour: the KiTS scheme
@@ -126,18 +127,6 @@ def build_system(args, in_spacing: tuple[float, float, float], in_shape: tuple[i
                 "kind": "monai", "what": "MONAI SegResNet (Auto3DSeg: 32 filters, blocks 1-2-2-4-4)",
                 "train_batch": 2}
     raise ValueError(name)
-
-
-def windows_per_volume(shape, window, overlap) -> int:
-    """How many windows MONAI's sliding window places on ``shape`` (its scan interval rule)."""
-    total = 1
-    overlaps = [overlap] * len(window) if isinstance(overlap, (int, float)) else list(overlap)
-    for size, roi, axis_overlap in zip(shape, window, overlaps):
-        if size <= roi:
-            continue
-        interval = max(1, int(roi * (1 - axis_overlap)))
-        total *= math.ceil((size - roi) / interval) + 1
-    return total
 
 
 def run_worker(args: argparse.Namespace) -> dict:

@@ -15,7 +15,7 @@ import time
 import traceback
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from MedTuningLib.engine.batch import FORMATS, ScanJob, describe, output_complete
 from MedTuningLib.errors import Cancelled, MedTuningError
@@ -63,8 +63,20 @@ def _nrrd_text(value: str) -> str:
     return "".join(c if 32 <= ord(c) < 127 and c != "%" else quote(c, safe="") for c in value)
 
 
-def segment_one(loaded, job: ScanJob, device, dtype, args, ctx) -> dict[str, Any]:
-    """Segment one scan with a loaded model and write its outputs (all of them or none)."""
+def window_progress(events) -> Callable[[int, int], None]:
+    """``infer`` progress per forward call with the time left (from the calls so far), for a scan's progress bar."""
+    t0 = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        elapsed = time.monotonic() - t0
+        events.progress("infer", done, total, eta_s=round(elapsed / done * (total - done), 1))
+
+    return report
+
+
+def segment_one(loaded, job: ScanJob, device, dtype, args, ctx, progress: bool = False) -> dict[str, Any]:
+    """Segment one scan with a loaded model and write its outputs (all of them or none); ``progress``: report
+    each forward call (a single scan; a batch reports per scan)."""
     from MedTuningLib.engine.infer import segment_images
     from MedTuningLib.segio import write_labelmap, write_segmentation
 
@@ -80,7 +92,8 @@ def segment_one(loaded, job: ScanJob, device, dtype, args, ctx) -> dict[str, Any
                             min_component=args.min_component, log=events.log, on_window=ctx.cancel.check,
                             series=job.series, keep_probabilities=fractional,
                             protocol=protocol_for(args, loaded.crop),
-                            regularize=bool(getattr(args, "dicom_resample", False)))
+                            regularize=bool(getattr(args, "dicom_resample", False)),
+                            on_progress=window_progress(events) if progress else None)
     if job.dicom_seg is not None and result.dicom and result.dicom[0] is not None and result.dicom[0].regularized:
         raise MedTuningError("INVALID_OPTION", f"the series was resampled ({result.dicom[0].regularized}): its "
                              "result no longer lines up with the source slices, so no DICOM SEG can reference them",
@@ -195,7 +208,7 @@ def run(args, ctx) -> dict:
     loaded = load_model_folder(args.model, device, weights=args.weights)
     dtype = resolve_precision(args.precision, device)
     events.progress("infer", 0, 1)
-    return segment_one(loaded, job, device, dtype, args, ctx)
+    return segment_one(loaded, job, device, dtype, args, ctx, progress=True)
 
 
 def _batch_jobs(args, modalities: list[str]) -> list[ScanJob]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from MedTuningLib.engine.device import autocast
-from MedTuningLib.engine.windows import DEFAULT_OVERLAP
+from MedTuningLib.engine.windows import DEFAULT_OVERLAP, windows_per_volume
 from MedTuningLib.errors import MedTuningError
 
 def tta_flips(flip_axes: Sequence[int] = (0, 1, 2)) -> list[tuple[int, ...]]:
@@ -65,7 +66,8 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
                           tta: bool = False,
                           sw_batch_size: int | None = None, on_window: Callable[[], None] | None = None,
                           flip_axes: Sequence[int] = (0, 1, 2), mode: str = "gaussian",
-                          flip_softmax: bool = False, flips_per: str = "window") -> torch.Tensor:
+                          flip_softmax: bool = False, flips_per: str = "window",
+                          on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Softmax probabilities ``[K, D, H, W]`` (float32, CPU) for one normalised volume ``[C, D, H, W]``.
 
     The tuned inference path (measured by ``medtuning bench infer``): ``torch.inference_mode``; under
@@ -82,6 +84,8 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
     ``tta``: the mirrored copies of each window go through the network in the same forward call as the window
     and are averaged there (``flips_per="window"``, as nnU-Net mirrors each window), so the volume is windowed
     once; ``"volume"`` (and ``flip_softmax``, which needs it) runs one sliding-window pass per flipped volume.
+
+    ``on_progress(done, total)`` follows each forward call (``total``: the calls the whole volume takes).
     """
     from monai.inferers import sliding_window_inference
 
@@ -103,6 +107,7 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
         # memory, e.g. the Swin-UNet decoder at full resolution) within twice that of the plain run.
         sw_batch_size = 1 if len(window_flips) > 1 else auto_sw_batch_size(device)
     total = None
+    calls = [0, math.ceil(windows_per_volume(image.shape[-3:], crop, overlap) / sw_batch_size) * len(volume_flips)]
     try:
         with weights as net, compact_weights(net, autocast_dtype), torch.inference_mode():
             def window_probs(x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +117,9 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
                 with autocast(device, autocast_dtype):
                     logits = net(batch)
                 probs = torch.softmax(logits.float(), dim=1).chunk(len(window_flips))
+                calls[0] += 1
+                if on_progress is not None:
+                    on_progress(calls[0], max(calls))  # never a total below the calls made
                 return sum(torch.flip(p, axes) if axes else p for p, axes in zip(probs, window_flips)) / len(probs)
 
             inputs = image.unsqueeze(0).to(device=device, dtype=torch.float32)
@@ -203,7 +211,7 @@ def segment_images(loaded, image_paths: Sequence[Path], device: torch.device, dt
                    overlap: float = 0.5, tta: bool = False, min_component: int = 0,
                    log: Callable[[str], None] | None = None, on_window: Callable[[], None] | None = None,
                    series: Sequence[str] = (), keep_probabilities: bool = False, protocol=None,
-                   regularize: bool = False) -> SegmentResult:
+                   regularize: bool = False, on_progress: Callable[[int, int], None] | None = None) -> SegmentResult:
     """Read, normalise and segment one case with a loaded model folder (inputs may be DICOM series
     folders; ``series`` picks among several). ``protocol`` (an :class:`~MedTuningLib.engine.recipe.InferenceProtocol`,
     e.g. the paper's) replaces ``overlap`` / ``tta`` and adds its windows, blending and post-processing."""
@@ -232,6 +240,7 @@ def segment_images(loaded, image_paths: Sequence[Path], device: torch.device, dt
                 f"the result is on the input's grid")
     probs = predict_on_input_grid(loaded.model, array, spacing, loaded.spacing, loaded.crop, device, dtype,
                                   **{"overlap": overlap, "tta": tta, **window}, on_window=on_window,
+                                  on_progress=on_progress,
                                   flip_axes=loaded.manifest.get("flip_axes", (0, 1, 2)))
     class_map = probs.argmax(0).numpy().astype(np.uint8)
     if protocol is not None and protocol.et_min_voxels:

@@ -58,3 +58,17 @@ def describe_overlap(overlap: float | Sequence[float]) -> str:
     if isinstance(overlap, (int, float)):
         return f"{overlap:g}"
     return ",".join(f"{v:g}" for v in overlap)
+
+
+def windows_per_volume(shape: Sequence[int], window: Sequence[int], overlap: Overlap) -> int:
+    """How many windows MONAI's sliding window places on a volume of ``shape`` (its scan-interval rule; a
+    volume smaller than the window along an axis is padded up to one window there)."""
+    total = 1
+    overlaps = [overlap] * len(window) if isinstance(overlap, (int, float)) else list(overlap)
+    for size, roi, axis_overlap in zip(shape, window, overlaps):
+        if size <= roi:
+            continue
+        interval = max(1, int(roi * (1 - axis_overlap)))
+        total *= math.ceil((size - roi) / interval) + 1
+    return total
+
