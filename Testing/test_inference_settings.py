@@ -162,6 +162,9 @@ def test_fast_segments_without_overlap_in_int8_on_a_cpu_and_given_options_win(tm
     assert segment("--fast", "--overlap", "0.5", "--precision", "fp32") == [
         "fast settings: window overlap 0.5, precision fp32"]
     assert segment() == []
+    status, events = cli(["evaluate", "--model", str(model), "--library", str(library), "--fast", "--device", "cpu"])
+    assert status == 0 and "fast settings: window overlap 0, precision int8" in [e.get("message") for e in events]
+    assert any(e["event"] == "metric" and e["name"].startswith("dice/") for e in events)
     status, events = cli(["evaluate", "--model", str(model), "--library", str(library), "--fast", "--protocol",
                           "paper", "--device", "cpu"])
     assert status == 2 and events[-1]["code"] == "INVALID_OPTION" and "--fast" in events[-1]["message"]
