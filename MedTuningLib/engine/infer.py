@@ -1,10 +1,10 @@
 """Inference: sliding-window prediction over whole volumes and writing results.
 
 MONAI's ``sliding_window_inference`` does the windowing (training crop size, overlap, Gaussian
-blending); optional flip test-time augmentation averages the softmax over mirrored copies of each window. A model with a
-working spacing (data/spacing.py) sees the scan resampled to it; its probabilities go back to the
-input's own voxel grid before the argmax, so the written ``.seg.nrrd`` has the input volume's
-geometry exactly.
+blending); optional flip test-time augmentation averages the softmax over mirrored copies of each
+window. A model with a working spacing (data/spacing.py) sees the scan resampled to it; its
+probabilities go back to the input's own voxel grid before the argmax, so the written ``.seg.nrrd``
+has the input volume's geometry exactly.
 """
 
 from __future__ import annotations
