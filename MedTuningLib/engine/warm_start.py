@@ -86,4 +86,3 @@ def warm_start_spacing(opts: TrainOptions, parent) -> tuple[float, float, float]
                              f"at the working spacing {describe(theirs)}: a warm start keeps the model's setup",
                              "drop --spacing (the model's is used), or train a new model without --init-from")
     return theirs  # type: ignore[return-value]
-

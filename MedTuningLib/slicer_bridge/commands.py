@@ -56,6 +56,23 @@ def _positive(name: str, value: Optional[float]) -> None:
         raise ValueError(f"{name} must be positive, not {value!r}")
 
 
+def checked_spacing(text: Optional[str]) -> Optional[str]:
+    """A working spacing as ``train --spacing`` takes it (None or empty: the backend's auto), checked here so a
+    front end can say what is wrong before any run: ``ValueError`` with what to type."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    # Imported here: the parser's module needs numpy (Slicer has it), the rest of the bridge does not.
+    from MedTuningLib.data.spacing import parse_spacing_option
+    from MedTuningLib.errors import MedTuningError
+
+    try:
+        parse_spacing_option(text)
+    except MedTuningError as exc:
+        raise ValueError(f"{exc.message}: {exc.hint}") from None
+    return text
+
+
 def _paths(name: str, values: Iterable[PathLike]) -> list[Path]:
     paths = [Path(v) for v in values]
     if not paths:
@@ -101,15 +118,7 @@ class TrainParams:
             _positive(name, getattr(self, name))
         if self.crop is not None and (len(self.crop) != 3 or min(self.crop) < 1):
             raise ValueError(f"crop must be three positive sizes (D, H, W), not {self.crop!r}")
-        if self.spacing is not None:
-            # Imported here: the parser's module needs numpy (Slicer has it), the rest of the bridge does not.
-            from MedTuningLib.data.spacing import parse_spacing_option
-            from MedTuningLib.errors import MedTuningError
-
-            try:
-                parse_spacing_option(self.spacing)
-            except MedTuningError as exc:
-                raise ValueError(f"{exc.message}: {exc.hint}") from None
+        checked_spacing(self.spacing)
 
     def argv(self) -> list[str]:
         self.validate()

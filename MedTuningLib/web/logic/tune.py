@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from MedTuningLib.mrml.logic import MedTuningMrmlLogic
+from MedTuningLib.slicer_bridge.commands import checked_spacing
 
 TRAIN_DEFAULTS = {"name": "my-model", "task": "custom", "arch": "vit_upernet", "backbone": "", "method": "med_tuning",
                   "weights": "hub", "labels": "", "segments": "", "epochs": 50, "minutes": None, "crop": "16x128x128",
@@ -30,21 +31,6 @@ def _crop(text: str) -> Optional[tuple]:
     return dims
 
 
-def _spacing(text: str) -> Optional[str]:
-    """The working-spacing field as the backend takes it (empty: auto), checked here."""
-    from MedTuningLib.data.spacing import parse_spacing_option
-    from MedTuningLib.errors import MedTuningError
-
-    text = str(text or "").strip()
-    if not text:
-        return None
-    try:
-        parse_spacing_option(text)
-    except MedTuningError as exc:
-        raise ValueError(f"{exc.message}: {exc.hint}") from None
-    return text
-
-
 class TuneLogic:
     def __init__(self, server: Any, logic: MedTuningMrmlLogic, jobs: Any, models: Any, cases: Any) -> None:
         self.server = server
@@ -60,7 +46,7 @@ class TuneLogic:
         return {"epochs": _positive(form.get("epochs"), int), "minutes": _positive(form.get("minutes"), float),
                 "crop": _crop(form.get("crop") or ""), "batch": _positive(form.get("batch"), int),
                 "steps_per_epoch": _positive(form.get("steps_per_epoch"), int),
-                "spacing": _spacing(form.get("spacing") or "")}
+                "spacing": checked_spacing(str(form.get("spacing") or ""))}
 
     def fine_tune(self) -> None:
         form = dict(self.server.state.mt_train or {})
