@@ -303,8 +303,10 @@ def test_a_crop_worker_that_dies_is_reported_with_what_to_do(library, tmp_path):
         if backend.proc.poll() is None:
             backend.kill()
     error = backend.events[-1]
-    assert status == 3 and error["event"] == "error" and error["code"] == "DATA_WORKERS_FAILED", backend.events[-3:]
-    # torch words the cause as "killed by signal: Bus error" or "exited unexpectedly", by when it notices.
-    assert "--workers 0" in error["hint"] and "DataLoader worker" in error["message"], error
+    assert status == 3 and error["event"] == "error" and error["code"] == "DATA_WORKERS_FAILED", (
+        backend.events[-3:], backend.stderr[-3000:])
+    # torch words the cause as "killed by signal: Bus error", "exited unexpectedly" or a broken connection, by
+    # when it notices; the message says a worker died and how much shared memory is free.
+    assert "--workers 0" in error["hint"] and "preparing training crops died" in error["message"], error
     assert "/dev/shm has" in error["message"], error
     assert (tmp_path / "model.partial").is_dir() and not out.exists()

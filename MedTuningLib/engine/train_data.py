@@ -278,11 +278,13 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def worker_failure(exc: BaseException, workers: int) -> MedTuningError | None:
-    """The user's error for a crop worker that died (torch reports it as a RuntimeError, from wherever the main
-    process was when it noticed), or None when ``exc`` is something else."""
-    text = str(exc)
-    if "DataLoader worker" not in text:
+def worker_failure(exc: BaseException, workers: int, dead: str = "") -> MedTuningError | None:
+    """The user's error for a crop worker that died, or None when ``exc`` is something else. torch reports the
+    death as a RuntimeError ("DataLoader worker ... killed by signal", from wherever the main process was when it
+    noticed); while a batch is handed over it may surface as a broken connection instead: then ``dead`` names
+    the worker processes found dead (:meth:`CropSampler.batch`)."""
+    text = str(exc).strip() or type(exc).__name__
+    if not dead and "DataLoader worker" not in text:
         return None
     import shutil
 
@@ -290,7 +292,8 @@ def worker_failure(exc: BaseException, workers: int) -> MedTuningError | None:
     if Path("/dev/shm").is_dir():  # where the workers hand their crops over (Linux)
         usage = shutil.disk_usage("/dev/shm")
         shm = f"; /dev/shm has {usage.free / 2**20:.0f} of {usage.total / 2**20:.0f} MB free"
-    return MedTuningError("DATA_WORKERS_FAILED", f"a process preparing training crops died ({text.strip()}){shm}",
+    cause = f"{dead}: {text}" if dead else text
+    return MedTuningError("DATA_WORKERS_FAILED", f"a process preparing training crops died ({cause}){shm}",
                           f"--workers 0 prepares the crops in the training process instead (the same results, "
                           f"slower than --workers {workers}); in a container, give it more shared memory (docker run "
                           "--shm-size 2g); the run is resumable with --resume")
@@ -346,6 +349,35 @@ class CropSampler:
             return next(self._batches)
         except StopIteration:
             raise RuntimeError(f"the epoch's {self.keys.count} crops are all used") from None
+        except (RuntimeError, OSError, EOFError) as exc:
+            dead = self._dead_workers()
+            if dead:
+                raise worker_failure(exc, self.workers, dead) from exc  # type: ignore[misc]
+            raise
+
+    def _dead_workers(self, wait_s: float = 10.0) -> str:
+        """The worker processes that have ended, as ``worker pid 123 (signal SIGBUS)``; empty when all are alive.
+        A dying worker breaks its connection before it has ended (a core dump takes a while): wait for it."""
+        import time
+
+        processes = getattr(getattr(self._loader, "_iterator", None), "_workers", None) or []
+        deadline = time.monotonic() + wait_s
+        ended: list = []
+        while processes and not ended:
+            ended = [p for p in processes if getattr(p, "exitcode", None) is not None]
+            if not ended:
+                if time.monotonic() > deadline:
+                    return ""
+                time.sleep(0.1)
+        described = []
+        for process in ended:
+            code = process.exitcode
+            try:
+                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            except ValueError:
+                how = f"exit status {code}"
+            described.append(f"worker pid {process.pid} ({how})")
+        return ", ".join(described)
 
     def close(self) -> None:
         """Stop the worker processes (a later :meth:`batch` starts new ones)."""
