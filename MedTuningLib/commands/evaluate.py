@@ -10,12 +10,11 @@ from pathlib import Path
 def run(args, ctx) -> dict:
     from MedTuningLib.engine.device import resolve_device
     from MedTuningLib.engine.evaluate import evaluate_model, markdown_report
-    from MedTuningLib.engine.recipe import fast_options, protocol_options
+    from MedTuningLib.engine.recipe import inference_options
 
     device = resolve_device(args.device)
     ctx.events.start("evaluate", device=str(device))
-    protocol_options(args, ctx.argv)  # --protocol paper: fp32, no --overlap
-    fast = fast_options(args, ctx.argv, device.type)  # --fast: no overlap, int8 on a CPU
+    fast = inference_options(args, ctx.argv, device.type)  # --protocol paper: fp32; --fast: overlap 0, int8 on a CPU
     if fast:
         ctx.events.log(fast)
     if os.environ.get("MEDTUNING_WORKDIR"):

@@ -186,14 +186,13 @@ def check_replaceable(job: ScanJob, force: bool, model: Path) -> None:
 def run(args, ctx) -> dict:
     from MedTuningLib.engine.device import resolve_device, resolve_precision
     from MedTuningLib.engine.modelfolder import load_model_folder
-    from MedTuningLib.engine.recipe import fast_options, protocol_options
+    from MedTuningLib.engine.recipe import inference_options
     from MedTuningLib.fileio import check_writable_dir
 
     events = ctx.events
     device = resolve_device(args.device)
     events.start("segment", device=str(device))
-    protocol_options(args, ctx.argv)  # --protocol paper: fp32, no --overlap
-    fast = fast_options(args, ctx.argv, device.type)  # --fast: no overlap, int8 on a CPU
+    fast = inference_options(args, ctx.argv, device.type)  # --protocol paper: fp32; --fast: overlap 0, int8 on a CPU
     if fast:
         ctx.events.log(fast)
     if getattr(args, "batch_list", None) is not None:

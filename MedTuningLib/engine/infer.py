@@ -107,19 +107,21 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
         # memory, e.g. the Swin-UNet decoder at full resolution) within twice that of the plain run.
         sw_batch_size = 1 if len(window_flips) > 1 else auto_sw_batch_size(device)
     total = None
-    calls = [0, math.ceil(windows_per_volume(image.shape[-3:], crop, overlap) / sw_batch_size) * len(volume_flips)]
+    expected_calls = math.ceil(windows_per_volume(image.shape[-3:], crop, overlap) / sw_batch_size) * len(volume_flips)
+    done_calls = 0
     try:
         with weights as net, compact_weights(net, autocast_dtype), torch.inference_mode():
             def window_probs(x: torch.Tensor) -> torch.Tensor:
+                nonlocal done_calls
                 if on_window is not None:
                     on_window()  # lets a caller cancel between windows
                 batch = torch.cat([torch.flip(x, axes) if axes else x for axes in window_flips])
                 with autocast(device, autocast_dtype):
                     logits = net(batch)
                 probs = torch.softmax(logits.float(), dim=1).chunk(len(window_flips))
-                calls[0] += 1
+                done_calls += 1
                 if on_progress is not None:
-                    on_progress(calls[0], max(calls))  # never a total below the calls made
+                    on_progress(done_calls, max(done_calls, expected_calls))  # never a total below the calls made
                 return sum(torch.flip(p, axes) if axes else p for p, axes in zip(probs, window_flips)) / len(probs)
 
             inputs = image.unsqueeze(0).to(device=device, dtype=torch.float32)

@@ -285,42 +285,36 @@ def apply_train_options(opts: Any, args: argparse.Namespace, recipe: dict | None
     opts.recipe = recipe
 
 
-def protocol_options(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """``--protocol paper`` on segment / evaluate: fp32 unless ``--precision`` is given; ``--overlap`` refused
-    (the protocol fixes the windows). Changes ``args`` in place."""
-    from MedTuningLib.errors import MedTuningError
+def inference_options(args: argparse.Namespace, argv: Sequence[str], device_type: str) -> str | None:
+    """The settings ``--protocol paper`` and ``--fast`` imply on segment / evaluate, where the command line does
+    not give them itself. Changes ``args`` in place; returns what ``--fast`` set, for the log.
 
-    if getattr(args, "protocol", "project") != "paper":
-        return
-    explicit: set[str] = set()
-    if argv:
-        from MedTuningLib.cli import build_parser
-
-        explicit = explicit_dests(build_parser(), argv)
-    if "overlap" in explicit:
-        raise MedTuningError("INVALID_OPTION", "--overlap cannot be combined with --protocol paper, which fixes "
-                             "the windows (stride crop/3, uniform averaging)",
-                             "drop --overlap, or use --protocol project with your own --overlap")
-    if "precision" not in explicit:
-        args.precision = "fp32"
-
-
-def fast_options(args: argparse.Namespace, argv: Sequence[str], device_type: str) -> str | None:
-    """``--fast`` on segment / evaluate: no window overlap and, on a CPU, int8 Linear layers (engine/windows.py),
-    unless ``--overlap`` / ``--precision`` are given. Changes ``args`` in place; returns what it set, for the log."""
+    ``--protocol paper``: fp32 unless ``--precision`` is given; ``--overlap`` is refused (the protocol fixes the
+    windows). ``--fast``: no window overlap and, on a CPU, int8 Linear layers (engine/windows.py), unless
+    ``--overlap`` / ``--precision`` are given; refused with ``--protocol paper``."""
     from MedTuningLib.engine.windows import FAST_CPU_PRECISION, FAST_OVERLAP
     from MedTuningLib.errors import MedTuningError
 
-    if not getattr(args, "fast", False):
+    paper = getattr(args, "protocol", "project") == "paper"
+    fast = getattr(args, "fast", False)
+    if not paper and not fast:
         return None
-    if getattr(args, "protocol", "project") == "paper":
-        raise MedTuningError("INVALID_OPTION", "--fast cannot be combined with --protocol paper, which fixes the "
-                             "windows, the precision and the flips", "drop one of them")
     explicit: set[str] = set()
     if argv:
         from MedTuningLib.cli import build_parser
 
         explicit = explicit_dests(build_parser(), argv)
+    if paper:
+        if "overlap" in explicit:
+            raise MedTuningError("INVALID_OPTION", "--overlap cannot be combined with --protocol paper, which fixes "
+                                 "the windows (stride crop/3, uniform averaging)",
+                                 "drop --overlap, or use --protocol project with your own --overlap")
+        if fast:
+            raise MedTuningError("INVALID_OPTION", "--fast cannot be combined with --protocol paper, which fixes "
+                                 "the windows, the precision and the flips", "drop one of them")
+        if "precision" not in explicit:
+            args.precision = "fp32"
+        return None
     if "overlap" not in explicit:
         args.overlap = FAST_OVERLAP
     if "precision" not in explicit and device_type == "cpu":

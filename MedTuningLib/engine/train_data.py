@@ -362,13 +362,10 @@ class CropSampler:
 
         processes = getattr(getattr(self._loader, "_iterator", None), "_workers", None) or []
         deadline = time.monotonic() + wait_s
-        ended: list = []
-        while processes and not ended:
+        ended = [p for p in processes if getattr(p, "exitcode", None) is not None]
+        while processes and not ended and time.monotonic() < deadline:
+            time.sleep(0.1)
             ended = [p for p in processes if getattr(p, "exitcode", None) is not None]
-            if not ended:
-                if time.monotonic() > deadline:
-                    return ""
-                time.sleep(0.1)
         described = []
         for process in ended:
             code = process.exitcode

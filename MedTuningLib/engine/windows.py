@@ -71,4 +71,3 @@ def windows_per_volume(shape: Sequence[int], window: Sequence[int], overlap: Ove
         interval = max(1, int(roi * (1 - axis_overlap)))
         total *= math.ceil((size - roi) / interval) + 1
     return total
-

@@ -51,9 +51,9 @@ class SegmentLogic:
                                  f"{model.name} expects {len(model.modalities)} volume(s): {', '.join(model.modalities)}",
                                  "load a scan for every modality and choose it in the list")
             return
-        tta, fast = bool(self.server.state.mt_tta), bool(self.server.state.mt_fast)
-        self.jobs.start("segment", lambda: self.logic.start_segmentation(model, volumes, device=self.logic.settings.device,
-                                                                        tta=tta, fast=fast),
+        device, tta, fast = self.logic.settings.device, bool(self.server.state.mt_tta), bool(self.server.state.mt_fast)
+        self.jobs.start("segment",
+                        lambda: self.logic.start_segmentation(model, volumes, device=device, tta=tta, fast=fast),
                         after=lambda job: self._finished(job, volumes, model))
 
     def _finished(self, job: Job, volumes: list[Any], model: Any) -> None:
