@@ -35,8 +35,10 @@ browser:
 demo: $(STAMP)
 	$(VENV)/bin/medtuning demo --out demo-output --force
 
+# One test worker per core, at most 4 (each test runs on one thread); a module's tests stay in one worker so
+# that its fixtures (small trained models, servers) are built once.
 test: $(STAMP) browser
-	$(PY) -m pytest Testing -q
+	$(PY) -m pytest Testing -q -n auto --maxprocesses 4 --dist loadfile
 
 clean:
 	rm -rf $(VENV) demo-output build
