@@ -246,3 +246,47 @@ def test_config_round_trip_and_errors():
         with pytest.raises(MedTuningError) as err:
             build_model(ModelConfig(**fields))
         assert err.value.code == code, bad
+
+
+def test_swin_unet_head_before_the_pixel_shuffle_gives_the_literal_logits_and_keeps_no_full_resolution_tensor():
+    """The final expand, LayerNorm and 1x1 conv run per pixel before the x4 shuffle, in groups of slices that
+    training recomputes: the same logits and gradients as expand -> shuffle -> LayerNorm -> conv, and no
+    full-resolution C-wide tensor is saved for the backward pass (the literal order saves two)."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    cfg = tiny("swin_unet", "full")
+    torch.manual_seed(1)
+    model = build_model(cfg)
+    dec = model.decoder
+    model.train()
+    for m in model.modules():  # deterministic: the same graph below the head in both passes
+        if "Drop" in type(m).__name__:
+            m.eval()
+    seen = {}
+    dec.norm.register_forward_hook(lambda _m, _i, out: seen.update(before_head=out))
+    dec.register_forward_hook(lambda _m, _i, out: seen.update(logits=out))
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved.append(t.numel())
+        return t
+
+    x = volume(cfg)
+    with saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    tokens = seen["before_head"]                                   # [B*D, H/4, W/4, C], in the graph
+    literal = dec.classifier(dec.final_expand(tokens).permute(0, 3, 1, 2))
+    torch.testing.assert_close(seen["logits"], literal, rtol=1e-5, atol=1e-6)
+
+    weights = torch.randn_like(literal)
+    head = [tokens, dec.final_expand.expand.weight, dec.final_expand.norm.weight, dec.final_expand.norm.bias,
+            dec.classifier.weight]
+    ours = torch.autograd.grad((seen["logits"] * weights).sum(), head, retain_graph=True)
+    reference = torch.autograd.grad((literal * weights).sum(), head)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    full_resolution = x.shape[0] * cfg.depth * cfg.img_size ** 2 * cfg.backbone_kwargs["embed_dim"]
+    assert not [n for n in saved if n >= full_resolution]

