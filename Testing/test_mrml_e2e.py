@@ -5,13 +5,14 @@ re-tune -> segment again. One tiny model, trained once for the module."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mrml_helpers import new_context, read_volume
+from mrml_helpers import new_context, read_volume, voxels as read_volume_array
 
 from MedTuningLib.mrml import (MedTuningMrmlLogic, MrmlError, describe_segments, modify_segment,  # noqa: E402
                                read_segmentation_file, segment_ids, segment_mask)
@@ -156,3 +157,34 @@ def test_stubborn_training_is_killed_with_its_children(loop, tmp_path):
     assert run.finished and run.killed and run.state.cancelled and not run.backend_alive
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in tree)
 
+
+
+def test_next_scan_to_correct_is_loaded_segmented_and_replaced_by_its_correction(loop, tmp_path, cli):
+    """"Next scan to correct": suggest ranks the library's unlabelled scans, the top one loads as volume nodes
+    (one per modality), segments, and once added back corrected it is a labelled case and no longer unlabelled."""
+    from MedTuningLib.mrml import export_volume
+
+    ctx, logic, volumes, _, model, _ = loop
+    library = logic.settings.resolved_cases_dir()
+    files = [export_volume(v, tmp_path / f"scan-{i}.nrrd") for i, v in enumerate(volumes)]
+    status, _ = cli(["cases", "add", "--library", str(library), "--image", str(files[0]), "--image", str(files[1]),
+                     "--modality", MODALITIES[0], "--modality", MODALITIES[1], "--split", "unlabelled",
+                     "--id", "next-scan"])
+    assert status == 0
+
+    ranking = finished(logic.start_suggest(model, device="cpu"), 600)
+    assert [e["id"] for e in ranking] == ["next-scan"] and ranking[0]["score"] >= 0
+    loaded = logic.load_scan_to_correct(ranking[0], model)
+    assert [n.GetName() for n in loaded] == [f"next-scan {m}" for m in MODALITIES]
+    for node, original in zip(loaded, volumes):
+        assert np.array_equal(read_volume_array(node), read_volume_array(original))
+    with pytest.raises(MrmlError, match="reads 1"):
+        logic.load_scan_to_correct({"id": "x", "images": [str(files[0]), str(files[1])]},
+                                   dataclasses.replace(model, modalities=["CT"]))
+
+    result = finished(logic.start_segmentation(model, loaded, device="cpu"), 900)
+    finished(logic.start_add_cases([(loaded, result, "train")], MODALITIES, provenance="correction"), 300)
+    cases = {c.case_id: c for c in read_case_library(library)}
+    assert "next-scan" not in cases  # the unlabelled entry went once its labelled copy was in
+    added = [c for c in cases.values() if c.case_id.startswith("next-scan")]
+    assert len(added) == 1 and added[0].split == "train" and added[0].provenance == "correction"

@@ -99,3 +99,15 @@ def test_cases_add_with_modalities_and_provenance():
 def test_no_python_is_an_error():
     with pytest.raises(ValueError):
         backend_argv("", InfoParams())
+
+
+def test_case_remove_and_suggest_parse_as_the_backend_reads_them():
+    from MedTuningLib.slicer_bridge.commands import CaseRemoveParams, SuggestParams
+
+    args = parse(CaseRemoveParams(library="cases dir", case_id="scan 3"))
+    assert (args.command, args.cases_command, args.library, args.case_id) == ("cases", "remove", Path("cases dir"), "scan 3")
+    with pytest.raises(ValueError, match="case_id"):
+        CaseRemoveParams(library="L", case_id=" ").argv()
+    args = parse(SuggestParams(model="M", library="L", device="cpu"))
+    assert (args.command, args.model, args.library, args.top, args.device) == ("suggest", Path("M"), Path("L"), None,
+                                                                                "cpu")

@@ -51,7 +51,8 @@ Logic (:mod:`.logic`)
     one model load; see Batch),
     ``start_add_cases([(volumes, label, split)], modalities, provenance)``,
     ``start_fine_tune(cases, modalities, name, **train)``, ``start_retune(model, epochs, device)``
-    (``medtuning retune`` into ``<model>-round<N>``), ``update_curves(state)``; ``results`` maps a
+    (``medtuning retune`` into ``<model>-round<N>``), ``start_suggest(model, device)`` and
+    ``load_scan_to_correct(entry, model)`` ("Next scan to correct"), ``update_curves(state)``; ``results`` maps a
     result node's ID to (model folder, model's .seg.nrrd) so adding it as a ``correction`` case
     records the correction effort. Nodes: ``export_label(..., volume)`` resamples a segmentation
     drawn on another grid onto the volume's (``on_volume_grid``, ``resampled_to_volume``).
@@ -64,10 +65,10 @@ from MedTuningLib.mrml.context import MrmlContext, MrmlError
 from MedTuningLib.mrml.correction import editor_node, modify_segment, oriented_mask, segment_mask
 from MedTuningLib.mrml.curves import CurveNodes, curve_label, embedded_plot_view_node
 from MedTuningLib.mrml.jobs import Job, JobBusy, JobSlot
-from MedTuningLib.mrml.logic import MedTuningMrmlLogic
+from MedTuningLib.mrml.logic import UNLABELLED_CASE_ATTRIBUTE, MedTuningMrmlLogic
 from MedTuningLib.mrml.nodes import (describe_segments, export_label, export_segmentation, export_volume,
-                                     labelmap_to_segmentation, load_result, read_segmentation_file, segment_ids,
-                                     segment_terminology)
+                                     labelmap_to_segmentation, load_result, read_segmentation_file, read_volume,
+                                     segment_ids, segment_terminology)
 from MedTuningLib.mrml.terminology import CONTEXT_NAME, load_medtuning_terminology, loaded_terminology_names
 
 __all__ = [
@@ -76,6 +77,6 @@ __all__ = [
     "SceneCase", "SceneCaseList", "check_case_nodes", "curve_label", "describe_segments", "editor_node",
     "embedded_plot_view_node", "export_case", "export_label", "export_segmentation", "export_volume",
     "labelmap_to_segmentation", "load_medtuning_terminology", "load_result", "loaded_terminology_names",
-    "modify_segment", "oriented_mask", "read_segmentation_file", "segment_ids", "segment_mask",
-    "segment_terminology",
+    "modify_segment", "oriented_mask", "read_segmentation_file", "read_volume", "segment_ids", "segment_mask",
+    "segment_terminology", "UNLABELLED_CASE_ATTRIBUTE",
 ]

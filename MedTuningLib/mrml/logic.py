@@ -9,7 +9,10 @@
   (``provenance`` ``scene`` or ``correction``);
 - :meth:`~MedTuningMrmlLogic.start_fine_tune` adds scene cases, then trains a new model folder;
 - :meth:`~MedTuningMrmlLogic.start_retune` warm-starts from a model on the whole library
-  (``medtuning retune``) into ``<model>-round<N>``.
+  (``medtuning retune``) into ``<model>-round<N>``;
+- :meth:`~MedTuningMrmlLogic.start_suggest` ranks the library's unlabelled scans ("Next scan to correct")
+  and :meth:`~MedTuningMrmlLogic.load_scan_to_correct` loads one; adding its corrected segmentation as a case
+  takes the unlabelled scan out of the library.
 
 Every job runs the backend as ``PYTHON -m MedTuningLib ... --events jsonl`` with ``env`` (see
 :func:`MedTuningLib.slicer_bridge.settings.backend_environment`) and ``library_root`` on its
@@ -30,10 +33,11 @@ from MedTuningLib.mrml.cases import export_case
 from MedTuningLib.mrml.context import MrmlContext, MrmlError
 from MedTuningLib.mrml.curves import CurveNodes
 from MedTuningLib.mrml.jobs import Job
-from MedTuningLib.mrml.nodes import export_volume, is_labelmap, is_volume, load_result
+from MedTuningLib.mrml.nodes import export_volume, is_labelmap, is_volume, load_result, read_volume
 from MedTuningLib.mrml.terminology import load_medtuning_terminology
-from MedTuningLib.slicer_bridge.commands import (BatchScan, RetuneParams, SegmentBatchParams, SegmentParams,
-                                                 TrainParams, backend_argv, write_batch_csv)
+from MedTuningLib.slicer_bridge.commands import (BatchScan, CaseRemoveParams, RetuneParams, SegmentBatchParams,
+                                                 SegmentParams, SuggestParams, TrainParams, backend_argv,
+                                                 write_batch_csv)
 from MedTuningLib.slicer_bridge.events import RunState
 from MedTuningLib.slicer_bridge.export import ExportNamer
 from MedTuningLib.slicer_bridge.process import DEFAULT_GRACE_S, BackendProcess, CommandChain
@@ -43,6 +47,8 @@ log = logging.getLogger("MedTuning")
 PathLike = Union[str, "os.PathLike[str]"]
 #: ``(volumes in modality order, label node, split)``
 CaseNodes = Tuple[Sequence[Any], Any, str]
+#: Volume node attribute: the id of the case library's unlabelled scan the volume was loaded from.
+UNLABELLED_CASE_ATTRIBUTE = "MedTuning.UnlabelledCase"
 
 
 class MedTuningMrmlLogic:
@@ -179,6 +185,11 @@ class MedTuningMrmlLogic:
             if origin is not None and hasattr(case, "model_output"):  # the backend measures the correction
                 case.from_model, case.model_output = origin
             params.append(case)
+            unlabelled = volumes[0].GetAttribute(UNLABELLED_CASE_ATTRIBUTE) if volumes else None
+            if unlabelled and split != "unlabelled":
+                # The scan is back with its label: after the labelled copy is in, its unlabelled entry goes
+                # (in this order, so that a failed add loses nothing).
+                params.append(CaseRemoveParams(library=library, case_id=unlabelled))
         return params
 
     def _exported(self, make: Callable[[Path, ExportNamer], Any]) -> Tuple[Path, Any]:
@@ -241,6 +252,31 @@ class MedTuningMrmlLogic:
         self.curves.remove()
         temp_dir = self.context.new_temp_dir()
         return self.job("retune", [params], temp_dir, lambda state: Path(state.outputs.get("model") or out))
+
+    # -- which scan to correct next ---------------------------------------------------------------
+    def start_suggest(self, model: ModelInfo, device: str = "auto") -> Job:
+        """``medtuning suggest`` on the case library's unlabelled scans; the job's result is the ranking, most
+        uncertain first (entries with ``id``, ``score``, ``images``: see :mod:`MedTuningLib.commands.suggest`)."""
+        if not model.usable:
+            raise MrmlError(f"The model {model.name} cannot be used: {model.problem}")
+        params = SuggestParams(model=model.path, library=self.settings.resolved_cases_dir(), device=device)
+        temp_dir = self.context.new_temp_dir()
+        return self.job("suggest", [params], temp_dir, lambda state: list(state.outputs.get("ranking") or []))
+
+    def load_scan_to_correct(self, entry: Mapping[str, Any], model: ModelInfo) -> List[Any]:
+        """Load a ranked scan's images (one volume node per modality of ``model``, in its order), marked with
+        the scan's case id: adding them later with their corrected segmentation replaces the unlabelled scan."""
+        images = list(entry.get("images") or [])
+        if len(images) != len(model.modalities):
+            raise MrmlError(f"The scan {entry.get('id')} has {len(images)} image(s); the model {model.name} reads "
+                            f"{len(model.modalities)} ({', '.join(model.modalities)})")
+        nodes = []
+        for path, modality in zip(images, model.modalities):
+            name = str(entry["id"]) if len(images) == 1 else f"{entry['id']} {modality}"
+            node = read_volume(self.context, path, name)
+            node.SetAttribute(UNLABELLED_CASE_ATTRIBUTE, str(entry["id"]))
+            nodes.append(node)
+        return nodes
 
     # -- curves ----------------------------------------------------------------------------------
     def update_curves(self, state: RunState) -> Any:

@@ -61,6 +61,17 @@ def export_volume(volume: Any, path: PathLike) -> Path:
     return _written(path, volume.GetName())
 
 
+def read_volume(context: MrmlContext, path: PathLike, name: str) -> Any:
+    """A new scalar volume node read from ``path`` by Slicer's own volume storage node (as "Add data" does)."""
+    node = context.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        context.scene.RemoveNode(node)
+        raise MrmlError(f"Could not read the scan {path}: check that the case library's file is there and readable")
+    return node
+
+
 def export_segmentation(segmentation: Any, path: PathLike) -> Path:
     """Write a segmentation node to ``path`` (``.seg.nrrd``) as 3D Slicer saves it."""
     if not is_segmentation(segmentation):

@@ -287,6 +287,20 @@ class CaseAddParams:
 
 
 @dataclass
+class CaseRemoveParams:
+    """``medtuning cases remove``: take a case (and its files) out of a library; e.g. the unlabelled scan that
+    was just added back corrected (labelled) as a new case."""
+
+    library: PathLike
+    case_id: str
+
+    def argv(self) -> list[str]:
+        if not str(self.case_id).strip():
+            raise ValueError("case_id is empty")
+        return ["cases", "remove", *_opt("library", self.library), *_opt("id", self.case_id)]
+
+
+@dataclass
 class InfoParams:
     """``medtuning info``: versions, devices, models; or one model folder with ``model``."""
 
@@ -362,8 +376,8 @@ class SuggestParams:
                 *_opt("device", self.device)]
 
 
-Params = Union[TrainParams, SegmentParams, EvaluateParams, CaseAddParams, InfoParams, RetuneParams, HistoryParams,
-               SuggestParams]
+Params = Union[TrainParams, SegmentParams, EvaluateParams, CaseAddParams, CaseRemoveParams, InfoParams, RetuneParams,
+               HistoryParams, SuggestParams]
 
 
 def backend_argv(python: PathLike, params: Params, events: bool = True) -> list[str]:
