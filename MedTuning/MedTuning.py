@@ -279,6 +279,7 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finetuneButton.clicked.connect(self.onFineTuneButton)
         self.ui.addToCasesButton.clicked.connect(self.onAddToCases)
         self.ui.retuneButton.clicked.connect(self.onRetuneButton)
+        self.ui.nextScanButton.clicked.connect(self.onNextScanButton)
         self.ui.autoRetrainCheckBox.toggled.connect(self.onSettingsEdited)
         self.ui.useSlicerPythonButton.clicked.connect(self.onUseSlicerPython)
         for pathEdit in (self.ui.backendPythonPathLineEdit, self.ui.modelsDirPathLineEdit, self.ui.casesDirPathLineEdit):
@@ -599,12 +600,15 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addToCasesButton.enabled = not running and bool(editedSeg and model and inputsSet)
         self.ui.retuneButton.enabled = (running and job.kind == "retune") or (
             not running and bool(model and model.usable))
+        self.ui.nextScanButton.enabled = (running and job.kind == "suggest") or (
+            not running and bool(model and model.usable))
 
     def _setRunning(self, kind: Optional[str]) -> None:
         """Apply buttons turn into Cancel while their job runs."""
         labels = {"segment": (self.ui.segmentButton, _("Segment")),
                   "train": (self.ui.finetuneButton, _("Fine-tune on my cases")),
-                  "retune": (self.ui.retuneButton, _("Re-tune now"))}
+                  "retune": (self.ui.retuneButton, _("Re-tune now")),
+                  "suggest": (self.ui.nextScanButton, _("Next scan to correct"))}
         for jobKind, (button, text) in labels.items():
             button.text = _("Cancel") if jobKind == kind else text
         self.updateButtons()
@@ -675,6 +679,8 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._sceneCases.clear()
                 self.refreshModels(selectPath=str(job.result))
                 self.refreshCases()
+            elif job.kind == "suggest":
+                self._segmentNextScan(job.result, label)
             elif job.kind == "cases":
                 label.text = _("Added to your case library.")
                 self.refreshCases()
@@ -749,6 +755,32 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         seg = self.ui.segmentEditorWidget.segmentationNode()
         self._startJob(lambda: self.logic.mrml.start_add_cases([(volumes, seg, self._parameterNode.caseSplit)],
                                                                model.modalities, provenance="correction"))
+
+    def onNextScanButton(self) -> None:
+        if self._job is not None:
+            if self._job.kind == "suggest":
+                self._job.cancel()
+            return
+        model = self.currentModel()
+        self._startJob(lambda: self.logic.mrml.start_suggest(model, self._parameterNode.device))
+
+    def _segmentNextScan(self, ranking: list, label) -> None:
+        """Load the most uncertain unlabelled scan as the input volume(s) and segment it for correcting."""
+        if not ranking:
+            label.text = _("Your case library has no unlabelled scans to rank. Add scans without a label: "
+                           "medtuning cases add --library LIBRARY --image FILE --split unlabelled")
+            return
+        model = self.currentModel()
+        with slicer.util.tryWithErrorDisplay(_("Could not load the next scan."), waitCursor=True):
+            volumes = self.logic.mrml.load_scan_to_correct(ranking[0], model)
+            for selector, volume in zip(self._inputSelectors(), volumes):
+                selector.setCurrentNode(volume)
+            slicer.util.setSliceViewerLayers(background=volumes[0], fit=True)
+            p = self._parameterNode
+            self._startJob(lambda: self.logic.mrml.start_segmentation(model, volumes, p.device, p.tta,
+                                                                      fast=p.fast))
+            label.text = _("Next scan to correct: {id} (the most uncertain of {n}, mean entropy {score:.3f}); "
+                           "segmenting it…").format(id=ranking[0]["id"], n=len(ranking), score=ranking[0]["score"])
 
     def onRetuneButton(self) -> None:
         if self._job is not None:
