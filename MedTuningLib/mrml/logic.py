@@ -51,6 +51,16 @@ CaseNodes = Tuple[Sequence[Any], Any, str]
 UNLABELLED_CASE_ATTRIBUTE = "MedTuning.UnlabelledCase"
 
 
+def replaced_unlabelled_scan(volumes: Sequence[Any], split: str, library: Path) -> List[CaseRemoveParams]:
+    """The step that follows adding ``volumes`` as a labelled case: when they were loaded from the library's
+    unlabelled scan (:meth:`MedTuningMrmlLogic.load_scan_to_correct`), that entry goes once the labelled copy
+    is in (in this order, so that a failed add loses nothing). Empty otherwise."""
+    case_id = volumes[0].GetAttribute(UNLABELLED_CASE_ATTRIBUTE) if volumes else None
+    if not case_id or split == "unlabelled":
+        return []
+    return [CaseRemoveParams(library=library, case_id=case_id)]
+
+
 class MedTuningMrmlLogic:
     """Nodes to files, backend jobs, files back to nodes, for one scene."""
 
@@ -185,11 +195,7 @@ class MedTuningMrmlLogic:
             if origin is not None and hasattr(case, "model_output"):  # the backend measures the correction
                 case.from_model, case.model_output = origin
             params.append(case)
-            unlabelled = volumes[0].GetAttribute(UNLABELLED_CASE_ATTRIBUTE) if volumes else None
-            if unlabelled and split != "unlabelled":
-                # The scan is back with its label: after the labelled copy is in, its unlabelled entry goes
-                # (in this order, so that a failed add loses nothing).
-                params.append(CaseRemoveParams(library=library, case_id=unlabelled))
+            params += replaced_unlabelled_scan(volumes, split, library)
         return params
 
     def _exported(self, make: Callable[[Path, ExportNamer], Any]) -> Tuple[Path, Any]:

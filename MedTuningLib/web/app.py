@@ -108,6 +108,7 @@ class MedTuningWebApp(TrameApp):
         ui.add_case_clicked.connect(self.cases.add_result)
         ui.fine_tune_clicked.connect(self.tune.fine_tune)
         ui.retune_clicked.connect(self.tune.retune)
+        ui.next_scan_clicked.connect(self.segment.next_scan)
         ui.refresh_clicked.connect(self._refresh)
         self.scans.listeners.append(self._on_volume_loaded)
         self.models.listeners.append(self._on_model_selected)

@@ -33,6 +33,7 @@ class MedTuningUI:
     add_case_clicked = Signal()
     fine_tune_clicked = Signal()
     retune_clicked = Signal()
+    next_scan_clicked = Signal()
     refresh_clicked = Signal()
     open_server_file_clicked = Signal(str)
 
@@ -143,6 +144,10 @@ class MedTuningUI:
                          hide_details=True, id="mt-fast")
         v3.VBtn("Segment", block=True, color="primary", prepend_icon="mdi-creation", classes="mt-2", id="mt-segment",
                 disabled=("mt_job_running || !mt_model_path || !mt_volumes.length",), click=self.segment_clicked)
+        v3.VBtn("Next scan to correct", block=True, variant="tonal", prepend_icon="mdi-skip-next", classes="mt-2",
+                id="mt-next-scan", disabled=("mt_job_running || !mt_model_path",), click=self.next_scan_clicked,
+                title="Rank my case library's unlabelled scans by the model's uncertainty, load the most uncertain "
+                      "one and segment it for correcting")
 
     def _cases_panel(self) -> None:
         html.Div("Add the corrected result to my cases", classes="text-subtitle-2")

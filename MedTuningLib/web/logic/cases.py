@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from MedTuningLib.mrml.cases import export_case
-from MedTuningLib.mrml.logic import MedTuningMrmlLogic
+from MedTuningLib.mrml.logic import MedTuningMrmlLogic, replaced_unlabelled_scan
 from MedTuningLib.slicer_bridge.export import ExportNamer
 
 CASES_MANIFEST = "cases.json"
@@ -90,7 +90,8 @@ class CasesLogic:
                 params.from_model = seg.result_model.path
             if "model_output" in fields and seg.model_output is not None:
                 params.model_output = seg.model_output
-            return self.logic.job("cases", [params], temp_dir, lambda state: state.outputs)
+            steps = [params, *replaced_unlabelled_scan(seg.result_volumes, split, self.library)]
+            return self.logic.job("cases", steps, temp_dir, lambda state: state.outputs)
 
         self.jobs.start("cases", start, after=self._finished)
 

@@ -141,6 +141,12 @@ class ScansLogic:
             inputs[modality] = chosen
         self.server.state.mt_inputs = inputs
 
+    def use_as_inputs(self, volumes: list[Any], modalities: list[str]) -> None:
+        """Volumes loaded by the app itself (the next scan to correct): listed, shown, and chosen as the inputs."""
+        self._refresh_volumes()
+        self.show(volumes[0])
+        self.server.state.mt_inputs = {m: v.GetID() for m, v in zip(modalities, volumes)}
+
     def inputs(self, modalities: list[str]) -> list[Any]:
         """The volume node per modality (None where none is chosen)."""
         chosen = self.server.state.mt_inputs or {}

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from trame_slicer.segmentation import SegmentationOverwriteMode
 
+from MedTuningLib.mrml.context import MrmlError
 from MedTuningLib.mrml.jobs import Job
 from MedTuningLib.mrml.logic import MedTuningMrmlLogic
 from MedTuningLib.mrml.nodes import export_segmentation
@@ -55,6 +56,31 @@ class SegmentLogic:
         self.jobs.start("segment",
                         lambda: self.logic.start_segmentation(model, volumes, device=device, tta=tta, fast=fast),
                         after=lambda job: self._finished(job, volumes, model))
+
+    def next_scan(self) -> None:
+        """"Next scan to correct": rank the case library's unlabelled scans by the model's uncertainty
+        (``medtuning suggest``), load the most uncertain one as the model's inputs and segment it."""
+        model = self.models.selected()
+        if model is None:
+            self.jobs.show_error("MODEL_FOLDER_INVALID", "no usable model is selected",
+                                 "choose a model in the list: its uncertainty ranks the scans")
+            return
+        self.jobs.start("suggest", lambda: self.logic.start_suggest(model, device=self.logic.settings.device),
+                        after=lambda job: self._suggested(job, model))
+
+    def _suggested(self, job: Job, model: Any) -> None:
+        if not job.ok or not job.result:
+            return  # a failure (e.g. no unlabelled scans: NO_TRAINING_CASES) is already shown
+        top = job.result[0]
+        try:
+            volumes = self.logic.load_scan_to_correct(top, model)
+        except MrmlError as exc:
+            self.jobs.show_error("FILE_UNREADABLE", str(exc), "check the case library's files")
+            return
+        self.scans.use_as_inputs(volumes, model.modalities)
+        self.segment()
+        self.jobs.notice(f"Next scan to correct: {top['id']}, the most uncertain of {len(job.result)} "
+                         f"(mean entropy {top['score']:.3f}); segmenting it.")
 
     def _finished(self, job: Job, volumes: list[Any], model: Any) -> None:
         if job.ok and job.result is not None:
