@@ -280,6 +280,7 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addToCasesButton.clicked.connect(self.onAddToCases)
         self.ui.retuneButton.clicked.connect(self.onRetuneButton)
         self.ui.nextScanButton.clicked.connect(self.onNextScanButton)
+        self.ui.addUnlabelledButton.clicked.connect(self.onAddUnlabelled)
         self.ui.autoRetrainCheckBox.toggled.connect(self.onSettingsEdited)
         self.ui.useSlicerPythonButton.clicked.connect(self.onUseSlicerPython)
         for pathEdit in (self.ui.backendPythonPathLineEdit, self.ui.modelsDirPathLineEdit, self.ui.casesDirPathLineEdit):
@@ -602,6 +603,7 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             not running and bool(model and model.usable))
         self.ui.nextScanButton.enabled = (running and job.kind == "suggest") or (
             not running and bool(model and model.usable))
+        self.ui.addUnlabelledButton.enabled = not running and bool(model and inputsSet)
 
     def _setRunning(self, kind: Optional[str]) -> None:
         """Apply buttons turn into Cancel while their job runs."""
@@ -679,6 +681,9 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._sceneCases.clear()
                 self.refreshModels(selectPath=str(job.result))
                 self.refreshCases()
+            elif job.kind == "unlabelled":
+                label.text = _("Added to your case library as an unlabelled scan: Next scan to correct ranks it.")
+                self.refreshCases()
             elif job.kind == "suggest":
                 self._segmentNextScan(job.result, label)
             elif job.kind == "cases":
@@ -755,6 +760,17 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         seg = self.ui.segmentEditorWidget.segmentationNode()
         self._startJob(lambda: self.logic.mrml.start_add_cases([(volumes, seg, self._parameterNode.caseSplit)],
                                                                model.modalities, provenance="correction"))
+
+    def onAddUnlabelled(self) -> None:
+        model = self.currentModel()
+        volumes = [s.currentNode() for s in self._inputSelectors()[:len(model.modalities)]]
+
+        def start() -> Job:
+            job = self.logic.mrml.start_add_cases([(volumes, None, "unlabelled")], model.modalities)
+            job.kind = "unlabelled"  # nothing to re-tune on: it finishes without the automatic re-tune
+            return job
+
+        self._startJob(start)
 
     def onNextScanButton(self) -> None:
         if self._job is not None:

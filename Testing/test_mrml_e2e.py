@@ -159,32 +159,32 @@ def test_stubborn_training_is_killed_with_its_children(loop, tmp_path):
 
 
 
-def test_next_scan_to_correct_is_loaded_segmented_and_replaced_by_its_correction(loop, tmp_path, cli):
-    """"Next scan to correct": suggest ranks the library's unlabelled scans, the top one loads as volume nodes
-    (one per modality), segments, and once added back corrected it is a labelled case and no longer unlabelled."""
-    from MedTuningLib.mrml import export_volume
-
+def test_next_scan_to_correct_is_loaded_segmented_and_replaced_by_its_correction(loop):
+    """"Next scan to correct": scene volumes go into the library as an unlabelled scan, suggest ranks the
+    library's unlabelled scans, the top one loads as volume nodes (one per modality) and segments, and once
+    added back corrected it is a labelled case and no longer unlabelled."""
     ctx, logic, volumes, _, model, _ = loop
     library = logic.settings.resolved_cases_dir()
-    files = [export_volume(v, tmp_path / f"scan-{i}.nrrd") for i, v in enumerate(volumes)]
-    status, _ = cli(["cases", "add", "--library", str(library), "--image", str(files[0]), "--image", str(files[1]),
-                     "--modality", MODALITIES[0], "--modality", MODALITIES[1], "--split", "unlabelled",
-                     "--id", "next-scan"])
-    assert status == 0
+    before = {c.case_id for c in read_case_library(library)}
+    with pytest.raises(MrmlError, match="needs a segmentation"):
+        logic.start_add_cases([(volumes, None, "train")], MODALITIES)
+    finished(logic.start_add_cases([(volumes, None, "unlabelled")], MODALITIES), 300)
+    unlabelled = [c for c in read_case_library(library) if c.case_id not in before]
+    assert [(c.split, c.label, list(c.images)) for c in unlabelled] == [("unlabelled", "", MODALITIES)]
+    scan_id = unlabelled[0].case_id
 
     ranking = finished(logic.start_suggest(model, device="cpu"), 600)
-    assert [e["id"] for e in ranking] == ["next-scan"] and ranking[0]["score"] >= 0
+    assert [e["id"] for e in ranking] == [scan_id] and ranking[0]["score"] >= 0
     loaded = logic.load_scan_to_correct(ranking[0], model)
-    assert [n.GetName() for n in loaded] == [f"next-scan {m}" for m in MODALITIES]
+    assert [n.GetName() for n in loaded] == [f"{scan_id} {m}" for m in MODALITIES]
     for node, original in zip(loaded, volumes):
         assert np.array_equal(read_volume_array(node), read_volume_array(original))
     with pytest.raises(MrmlError, match="reads 1"):
-        logic.load_scan_to_correct({"id": "x", "images": [str(files[0]), str(files[1])]},
-                                   dataclasses.replace(model, modalities=["CT"]))
+        logic.load_scan_to_correct(ranking[0], dataclasses.replace(model, modalities=["CT"]))
 
     result = finished(logic.start_segmentation(model, loaded, device="cpu"), 900)
     finished(logic.start_add_cases([(loaded, result, "train")], MODALITIES, provenance="correction"), 300)
     cases = {c.case_id: c for c in read_case_library(library)}
-    assert "next-scan" not in cases  # the unlabelled entry went once its labelled copy was in
-    added = [c for c in cases.values() if c.case_id.startswith("next-scan")]
-    assert len(added) == 1 and added[0].split == "train" and added[0].provenance == "correction"
+    assert scan_id not in cases  # the unlabelled entry went once its labelled copy was in
+    added = [c for c in cases.values() if c.case_id not in before]
+    assert [(c.split, c.provenance) for c in added] == [("train", "correction")]

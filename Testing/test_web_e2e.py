@@ -224,28 +224,33 @@ def test_segment_correct_add_retune_segment_again(tiny_model, data, tmp_path):
 
 
 def test_next_scan_to_correct_loads_segments_and_is_replaced_by_its_correction(tiny_model, data, tmp_path):
-    """"Next scan to correct" in the browser: the library's unlabelled scan is ranked, loaded and segmented;
-    added back corrected, it is a labelled case and no longer unlabelled."""
+    """"Next scan to correct" in the browser: a scan uploaded through the page goes into the library without a
+    label, is ranked, loaded and segmented; added back corrected, it is a labelled case and no longer unlabelled."""
     from MedTuningLib.slicer_bridge.settings import read_case_library
 
     require_chromium()
     models, cases, home = tmp_path / "models", tmp_path / "my cases", tmp_path / "home"
     shutil.copytree(tiny_model, models / tiny_model.name)
-    status, events = run_cli(["cases", "add", "--library", str(cases), "--image", str(data / "CTChest4.nrrd"),
-                              "--modality", "CT", "--split", "unlabelled", "--id", "unlabelled-ct"])
-    assert status == 0, events[-1]
     with web_server(models, cases, home) as server, chromium() as browser:
         page = open_app(browser, server.url)
+        page.set_input_files("#mt-upload input[type=file]", str(data / "CTChest4.nrrd"))
+        page.wait_for_function("document.querySelector('#mt-volumes').innerText.includes('CTChest4')", timeout=60000)
+        page.click("#mt-add-unlabelled")
+        assert wait_for_job(page, "cases") == "cases: done", error_text(page) + server.stderr_tail()
+        listed = read_case_library(cases)
+        assert [(c.split, c.label) for c in listed] == [("unlabelled", "")]
+        scan_id = listed[0].case_id
+
         page.click("#mt-next-scan")
         page.wait_for_function("""() => { const t = document.querySelector('#mt-job-text');
                                           return t && (t.innerText.includes('segment: done') ||
                                                        t.innerText.includes('failed')); }""", timeout=600000)
         assert text(page, "#mt-job-text") == "segment: done", error_text(page) + server.stderr_tail()
-        assert "unlabelled-ct" in text(page, "#mt-volumes")
+        assert scan_id in text(page, "#mt-volumes")
         shot(page, tmp_path / "screenshots", "next-scan-segmented")
         page.click("#mt-tab-cases")
         page.click("#mt-add-case")
         assert wait_for_job(page, "cases") == "cases: done", error_text(page) + server.stderr_tail()
     listed = read_case_library(cases)
     assert [(c.split, c.provenance) for c in listed] == [("train", "correction")]
-    assert listed[0].case_id != "unlabelled-ct"
+    assert listed[0].case_id != scan_id

@@ -49,12 +49,13 @@ class SceneCase:
 
 
 def check_case_nodes(volumes: Sequence[Any], label: Any, modalities: Sequence[str]) -> None:
-    """Raise :class:`MrmlError` with what to change when the nodes cannot make a case."""
+    """Raise :class:`MrmlError` with what to change when the nodes cannot make a case (``label`` None: an
+    unlabelled scan)."""
     if modalities and len(volumes) != len(modalities):
         raise MrmlError(f"A case needs one volume per modality ({', '.join(modalities)}): {len(volumes)} given")
     if not volumes or any(not is_volume(v) or is_labelmap(v) for v in volumes):
         raise MrmlError("Choose a scalar volume (not a labelmap) for every modality of the case")
-    if not (is_segmentation(label) or is_labelmap(label)):
+    if label is not None and not (is_segmentation(label) or is_labelmap(label)):
         raise MrmlError("The label of a case must be a segmentation or a labelmap volume")
 
 
@@ -108,11 +109,16 @@ class SceneCaseList:
 def export_case(context: MrmlContext, volumes: Sequence[Any], label: Any, folder: Path, library: Path,
                 modalities: Sequence[str], split: str = "train", provenance: str = "scene",
                 namer: Optional[ExportNamer] = None) -> CaseAddParams:
-    """Write one case's files into ``folder``; returns the ``cases add`` parameters for it."""
+    """Write one case's files into ``folder``; returns the ``cases add`` parameters for it. ``label`` None: an
+    unlabelled scan (split ``unlabelled``, for "Next scan to correct")."""
     check_case_nodes(volumes, label, modalities)
-    files = plan_case_export(folder, [v.GetName() for v in volumes], label.GetName(), namer)
+    if label is None and split != "unlabelled":
+        raise MrmlError(f"A {split} case needs a segmentation: add a scan without one as unlabelled")
+    files = plan_case_export(folder, [v.GetName() for v in volumes], label.GetName() if label else "", namer)
     for volume, path in zip(volumes, files.images):
         export_volume(volume, path)
-    export_label(context, label, files.label, volumes[0])  # the label on the first modality's grid
-    return CaseAddParams(library=library, images=files.images, label=files.label, modalities=list(modalities),
-                         split=split, provenance=provenance, source=f"3D Slicer: {label.GetName()}")
+    if label is not None:
+        export_label(context, label, files.label, volumes[0])  # the label on the first modality's grid
+    return CaseAddParams(library=library, images=files.images, label=files.label if label else None,
+                         modalities=list(modalities), split=split, provenance=provenance,
+                         source=f"3D Slicer: {(label or volumes[0]).GetName()}")

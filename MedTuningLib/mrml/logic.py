@@ -191,7 +191,7 @@ class MedTuningMrmlLogic:
         params = []
         for volumes, label, split in cases:
             case = export_case(self.context, volumes, label, temp_dir, library, modalities, split, provenance, namer)
-            origin = self.results.get(label.GetID()) if provenance == "correction" else None
+            origin = self.results.get(label.GetID()) if provenance == "correction" and label else None
             if origin is not None and hasattr(case, "model_output"):  # the backend measures the correction
                 case.from_model, case.model_output = origin
             params.append(case)
@@ -207,7 +207,8 @@ class MedTuningMrmlLogic:
             raise
 
     def start_add_cases(self, cases: Sequence[CaseNodes], modalities: Sequence[str], provenance: str = "scene") -> Job:
-        """Copy cases ``[(volumes, label, split)]`` into the case library; the result is their count."""
+        """Copy cases ``[(volumes, label, split)]`` into the case library (label None, split ``unlabelled``: a
+        scan for "Next scan to correct"); the result is their count."""
         if not cases:
             raise MrmlError("No case to add")
         temp_dir, params = self._exported(lambda d, n: self._case_params(d, n, cases, modalities, provenance))

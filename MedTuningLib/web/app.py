@@ -109,10 +109,16 @@ class MedTuningWebApp(TrameApp):
         ui.fine_tune_clicked.connect(self.tune.fine_tune)
         ui.retune_clicked.connect(self.tune.retune)
         ui.next_scan_clicked.connect(self.segment.next_scan)
+        ui.add_unlabelled_clicked.connect(self._add_unlabelled)
         ui.refresh_clicked.connect(self._refresh)
         self.scans.listeners.append(self._on_volume_loaded)
         self.models.listeners.append(self._on_model_selected)
         self._on_model_selected(self.models.selected())
+
+    def _add_unlabelled(self) -> None:
+        model = self.models.selected()
+        modalities = model.modalities if model else []
+        self.cases.add_unlabelled(self.scans.inputs(modalities), modalities)
 
     def _refresh(self) -> None:
         self.models.refresh()

@@ -18,7 +18,7 @@ from trame_slicer.app.ui import (LayoutButton, SegmentEditorToolbarUI, SegmentEd
 from trame_slicer.app.ui.load_volume_ui import LoadVolumeButton, LoadVolumeState
 from undo_stack import Signal
 
-from MedTuningLib.slicer_bridge.commands import ARCHS, METHODS, SPLITS, TASKS
+from MedTuningLib.slicer_bridge.commands import ARCHS, LABELLED_SPLITS, METHODS, TASKS
 
 
 def _field(label: str, key: str, **kwargs: Any) -> Any:
@@ -34,6 +34,7 @@ class MedTuningUI:
     fine_tune_clicked = Signal()
     retune_clicked = Signal()
     next_scan_clicked = Signal()
+    add_unlabelled_clicked = Signal()
     refresh_clicked = Signal()
     open_server_file_clicked = Signal(str)
 
@@ -148,12 +149,17 @@ class MedTuningUI:
                 id="mt-next-scan", disabled=("mt_job_running || !mt_model_path",), click=self.next_scan_clicked,
                 title="Rank my case library's unlabelled scans by the model's uncertainty, load the most uncertain "
                       "one and segment it for correcting")
+        v3.VBtn("Add to my cases without a label", block=True, variant="text", prepend_icon="mdi-folder-plus-outline",
+                classes="mt-1", id="mt-add-unlabelled",
+                disabled=("mt_job_running || !mt_model_path || !mt_volumes.length",),
+                click=self.add_unlabelled_clicked,
+                title="An unlabelled scan is never trained on; Next scan to correct ranks it")
 
     def _cases_panel(self) -> None:
         html.Div("Add the corrected result to my cases", classes="text-subtitle-2")
         with html.Div(classes="d-flex align-center"):
-            v3.VSelect(label="split", items=("mt_splits", list(SPLITS)), v_model=("mt_split",), density="compact",
-                       hide_details=True, style="max-width: 120px", id="mt-split")
+            v3.VSelect(label="split", items=("mt_splits", list(LABELLED_SPLITS)), v_model=("mt_split",),
+                       density="compact", hide_details=True, style="max-width: 120px", id="mt-split")
             v3.VTextField(label="case id (optional)", v_model=("mt_case_id",), density="compact", hide_details=True,
                           classes="ml-2", id="mt-case-id")
         v3.VBtn("Add to my cases", block=True, color="primary", prepend_icon="mdi-folder-plus", classes="my-2",

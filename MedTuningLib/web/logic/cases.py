@@ -95,6 +95,17 @@ class CasesLogic:
 
         self.jobs.start("cases", start, after=self._finished)
 
+    def add_unlabelled(self, volumes: list[Any], modalities: list[str]) -> None:
+        """Add the chosen scan(s) without a label (split ``unlabelled``): never trained on, ranked by "Next scan
+        to correct"."""
+        if not volumes or any(v is None for v in volumes):
+            self.jobs.show_error("MODALITY_COUNT_MISMATCH",
+                                 f"choose a scan for every modality: {', '.join(modalities)}",
+                                 "load the scan(s) and choose them in the lists")
+            return
+        self.jobs.start("cases", lambda: self.logic.start_add_cases([(volumes, None, "unlabelled")], modalities),
+                        after=self._finished)
+
     def _finished(self, job: Any) -> None:
         self.refresh()
         if job.ok:
