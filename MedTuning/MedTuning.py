@@ -309,6 +309,10 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _inputSelectors(self) -> list:
         return [getattr(self.ui, f"inputVolumeSelector{i}") for i in range(1, MAX_MODALITIES + 1)]
 
+    def _inputVolumes(self, model: ModelInfo) -> list:
+        """The chosen input volume per modality of ``model``, in its channel order (None where none is chosen)."""
+        return [s.currentNode() for s in self._inputSelectors()[:len(model.modalities)]]
+
     def _sceneCaseSelectors(self) -> list:
         return [getattr(self.ui, f"sceneCaseVolumeSelector{i}") for i in range(1, MAX_MODALITIES + 1)]
 
@@ -707,7 +711,7 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
             return
         model = self.currentModel()
-        volumes = [s.currentNode() for s in self._inputSelectors()[:len(model.modalities)]]
+        volumes = self._inputVolumes(model)
         p = self._parameterNode
         scope = self.ui.segmentScopeComboBox.currentIndex
         if scope in (SCOPE_SCENE, SCOPE_STUDY):
@@ -756,14 +760,14 @@ class MedTuningWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAddToCases(self) -> None:
         model = self.currentModel()
-        volumes = [s.currentNode() for s in self._inputSelectors()[:len(model.modalities)]]
+        volumes = self._inputVolumes(model)
         seg = self.ui.segmentEditorWidget.segmentationNode()
         self._startJob(lambda: self.logic.mrml.start_add_cases([(volumes, seg, self._parameterNode.caseSplit)],
                                                                model.modalities, provenance="correction"))
 
     def onAddUnlabelled(self) -> None:
         model = self.currentModel()
-        volumes = [s.currentNode() for s in self._inputSelectors()[:len(model.modalities)]]
+        volumes = self._inputVolumes(model)
 
         def start() -> Job:
             job = self.logic.mrml.start_add_cases([(volumes, None, "unlabelled")], model.modalities)

@@ -23,8 +23,11 @@ def read_volume(context, path: Path, name: str, labelmap: bool = False):
     """A volume node read by Slicer's own storage node (as "Add data" does)."""
     import slicer
 
-    node = context.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
-                                           name)
+    from MedTuningLib.mrml import read_volume as read_scalar_volume
+
+    if not labelmap:
+        return read_scalar_volume(context, path, name)
+    node = context.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
     assert storage.ReadData(node), path
