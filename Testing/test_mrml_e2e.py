@@ -97,10 +97,14 @@ def test_segment_correct_add_retune_segment_again(loop):
     others = [segment_mask(ctx, result, i, ct) for i in segment_ids(result)[1:]]
     assert not any((m & paint).any() for m in others)  # the painted block belongs to one segment only
 
-    finished(logic.start_add_cases([(volumes, result, "train")], MODALITIES, provenance="correction"), 300)
+    with pytest.raises(MrmlError, match="One case id"):  # one id cannot name two cases
+        logic.start_add_cases([(volumes, result, "train"), (volumes, result, "val")], MODALITIES, case_id="mine")
+    finished(logic.start_add_cases([(volumes, result, "train")], MODALITIES, provenance="correction",
+                                   case_id="corrected-chest", source="reading room 2"), 300)
     library = logic.settings.resolved_cases_dir()
     cases = read_case_library(library)
     assert [c.provenance for c in cases] == ["scene", "correction"]
+    assert cases[-1].case_id == "corrected-chest" and cases[-1].source == "reading room 2"
     assert all(list(c.images) == MODALITIES for c in cases)
     assert Path(cases[-1].from_model) == model.path  # the correction effort is measured against the model's result
     stored = read_segmentation_file(ctx, library / cases[-1].label)

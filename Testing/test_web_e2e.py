@@ -123,6 +123,7 @@ def test_segment_correct_add_retune_segment_again(tiny_model, data, tmp_path):
 
         # Add to my cases (split train): the table shows it, with its provenance.
         page.click("#mt-tab-cases")
+        page.locator("#mt-case-id").fill("lungs-corrected")
         page.click("#mt-add-case")
         assert wait_for_job(page, "cases") == "cases: done", error_text(page) + server.stderr_tail()
         page.wait_for_selector("#mt-cases [data-case]", timeout=30000)
@@ -187,7 +188,8 @@ def test_segment_correct_add_retune_segment_again(tiny_model, data, tmp_path):
     manifest = json.loads((cases / "cases.json").read_text(encoding="utf-8"))
     assert len(manifest["cases"]) == 1
     case = manifest["cases"][0]
-    assert case["split"] == "train" and list(case["images"]) == ["CT"]
+    assert case["split"] == "train" and list(case["images"]) == ["CT"] and case["id"] == "lungs-corrected"
+    assert case["provenance"]["source"].startswith("browser: ")
     assert (case.get("provenance") or {}).get("from", (case.get("provenance") or {}).get("kind")) == "correction"
     stored = masks(cases / case["label"], ct)
     for name in ("right lung", "left lung"):
@@ -249,6 +251,7 @@ def test_next_scan_to_correct_loads_segments_and_is_replaced_by_its_correction(t
         assert scan_id in text(page, "#mt-volumes")
         shot(page, tmp_path / "screenshots", "next-scan-segmented")
         page.click("#mt-tab-cases")
+        page.locator("#mt-case-id").fill("lungs-corrected")
         page.click("#mt-add-case")
         assert wait_for_job(page, "cases") == "cases: done", error_text(page) + server.stderr_tail()
     listed = read_case_library(cases)

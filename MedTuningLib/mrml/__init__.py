@@ -49,7 +49,7 @@ Logic (:mod:`.logic`)
     ``start_segmentation(model, volumes, device, tta, output_node)``,
     ``start_batch_segmentation(model, scans, device, tta, show_3d, on_scan)`` (many scans, one job,
     one model load; see Batch),
-    ``start_add_cases([(volumes, label, split)], modalities, provenance)``,
+    ``start_add_cases([(volumes, label, split)], modalities, provenance, case_id, source)``,
     ``start_fine_tune(cases, modalities, name, **train)``, ``start_retune(model, epochs, device)``
     (``medtuning retune`` into ``<model>-round<N>``), ``start_suggest(model, device)`` and
     ``load_scan_to_correct(entry, model)`` ("Next scan to correct"), ``update_curves(state)``; ``results`` maps a

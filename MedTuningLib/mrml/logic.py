@@ -186,13 +186,16 @@ class MedTuningMrmlLogic:
 
     # -- cases and training ----------------------------------------------------------------------
     def _case_params(self, temp_dir: Path, namer: ExportNamer, cases: Sequence[CaseNodes],
-                     modalities: Sequence[str], provenance: str) -> List[Any]:
+                     modalities: Sequence[str], provenance: str, case_id: Optional[str] = None,
+                     source: Optional[str] = None) -> List[Any]:
         library = self.settings.resolved_cases_dir()
         params = []
         for volumes, label, split in cases:
             case = export_case(self.context, volumes, label, temp_dir, library, modalities, split, provenance, namer)
+            case.case_id = case_id or case.case_id
+            case.source = source or case.source
             origin = self.results.get(label.GetID()) if provenance == "correction" and label else None
-            if origin is not None and hasattr(case, "model_output"):  # the backend measures the correction
+            if origin is not None:  # the backend measures the correction effort against the model's output
                 case.from_model, case.model_output = origin
             params.append(case)
             params += replaced_unlabelled_scan(volumes, split, library)
@@ -206,12 +209,19 @@ class MedTuningMrmlLogic:
             shutil.rmtree(temp_dir, ignore_errors=True)  # nothing half-written is left behind
             raise
 
-    def start_add_cases(self, cases: Sequence[CaseNodes], modalities: Sequence[str], provenance: str = "scene") -> Job:
+    def start_add_cases(self, cases: Sequence[CaseNodes], modalities: Sequence[str], provenance: str = "scene",
+                        case_id: Optional[str] = None, source: Optional[str] = None) -> Job:
         """Copy cases ``[(volumes, label, split)]`` into the case library (label None, split ``unlabelled``: a
-        scan for "Next scan to correct"); the result is their count."""
+        scan for "Next scan to correct"); the result is their count. ``case_id`` (one case only) and ``source``
+        (the provenance's "where from"; default: the node's name in 3D Slicer) replace the backend's defaults.
+        A ``correction`` of a result this logic segmented records the model's output, so the backend measures
+        the correction effort."""
         if not cases:
             raise MrmlError("No case to add")
-        temp_dir, params = self._exported(lambda d, n: self._case_params(d, n, cases, modalities, provenance))
+        if case_id and len(cases) > 1:
+            raise MrmlError(f"One case id ({case_id}) cannot name {len(cases)} cases: leave it empty")
+        temp_dir, params = self._exported(
+            lambda d, n: self._case_params(d, n, cases, modalities, provenance, case_id, source))
         return self.job("cases", params, temp_dir, lambda state: len(params))
 
     def start_fine_tune(self, cases: Sequence[CaseNodes], modalities: Sequence[str], name: str = "my-model",

@@ -86,7 +86,7 @@ class MedTuningWebApp(TrameApp):
         self.jobs = JobRunner(self.server)
         self.scans = ScansLogic(self.server, self.slicer_app, self.jobs, work, config.scans_dir)
         self.models = ModelsLogic(self.server, config.models_dir)
-        self.segment = SegmentLogic(self.server, self.slicer_app, self.mrml, self.jobs, self.scans, self.models, work)
+        self.segment = SegmentLogic(self.server, self.slicer_app, self.mrml, self.jobs, self.scans, self.models)
         self.cases = CasesLogic(self.server, self.mrml, self.jobs, self.segment)
         self.tune = TuneLogic(self.server, self.mrml, self.jobs, self.models, self.cases)
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from MedTuningLib.mrml.cases import export_case
-from MedTuningLib.mrml.logic import MedTuningMrmlLogic, replaced_unlabelled_scan
-from MedTuningLib.slicer_bridge.export import ExportNamer
+from MedTuningLib.mrml.logic import MedTuningMrmlLogic
 
 CASES_MANIFEST = "cases.json"
 
@@ -78,20 +75,8 @@ class CasesLogic:
         case_id = (self.server.state.mt_case_id or "").strip() or None
 
         def start():
-            temp_dir = self.logic.context.new_temp_dir()
-            params = export_case(self.logic.context, seg.result_volumes, seg.result, temp_dir, self.library,
-                                 seg.result_model.modalities, split, "correction", ExportNamer(temp_dir))
-            params.case_id = case_id
-            params.source = f"browser: {seg.result.GetName()}"
-            # The correction loop records what the model produced and the effort of correcting it,
-            # where this version's ``cases add`` knows those options.
-            fields = {f.name for f in dataclasses.fields(params)}
-            if "from_model" in fields:
-                params.from_model = seg.result_model.path
-            if "model_output" in fields and seg.model_output is not None:
-                params.model_output = seg.model_output
-            steps = [params, *replaced_unlabelled_scan(seg.result_volumes, split, self.library)]
-            return self.logic.job("cases", steps, temp_dir, lambda state: state.outputs)
+            return self.logic.start_add_cases([(seg.result_volumes, seg.result, split)], seg.result_model.modalities,
+                                              "correction", case_id=case_id, source=f"browser: {seg.result.GetName()}")
 
         self.jobs.start("cases", start, after=self._finished)
 

@@ -4,7 +4,6 @@ module), the result loaded for correcting in the segment editor."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Any, Optional
 
 from trame_slicer.segmentation import SegmentationOverwriteMode
@@ -13,29 +12,26 @@ from MedTuningLib.mrml.context import MrmlError
 from MedTuningLib.mrml.jobs import Job
 from MedTuningLib.mrml.logic import MedTuningMrmlLogic
 from MedTuningLib.mrml.nodes import export_segmentation
-from MedTuningLib.slicer_bridge.export import safe_stem
 
 
 class SegmentLogic:
     """Runs segmentations; keeps the current result (``mt_result``) active in the segment editor.
 
-    A copy of each result as the model wrote it is kept in ``work_dir/results`` so that a corrected
-    case can say what the model had produced (the correction effort).
+    The MRML logic keeps each result as the model wrote it, so that adding a corrected result as a case
+    records what the model had produced (the correction effort).
     """
 
     def __init__(self, server: Any, slicer_app: Any, logic: MedTuningMrmlLogic, jobs: Any, scans: Any,
-                 models: Any, work_dir: Path) -> None:
+                 models: Any) -> None:
         self.server = server
         self.app = slicer_app
         self.logic = logic
         self.jobs = jobs
         self.scans = scans
         self.models = models
-        self.results_dir = work_dir / "results"
         self.result: Any = None  # the segmentation node being corrected
         self.result_volumes: list[Any] = []
         self.result_model: Any = None
-        self.model_output: Optional[Path] = None
         server.state.mt_result = None  # {"name", "model", "segments": [...]}
         server.state.mt_tta = False  # the page's test-time flips and fast settings for Segment
         server.state.mt_fast = False
@@ -88,8 +84,6 @@ class SegmentLogic:
 
     def show_result(self, node: Any, volumes: list[Any], model: Any) -> None:
         self.result, self.result_volumes, self.result_model = node, list(volumes), model
-        self.results_dir.mkdir(parents=True, exist_ok=True)
-        self.model_output = export_segmentation(node, self.results_dir / f"{safe_stem(node.GetName())}.seg.nrrd")
         # Only the new result shows: earlier ones stay in the scene (and in a saved .mrb), hidden.
         for other in self.app.scene.GetNodesByClass("vtkMRMLSegmentationNode"):
             display = other.GetDisplayNode()
