@@ -76,17 +76,17 @@ def test_bench_infer_variants_time_each_setting_against_the_first(cli, tmp_path)
     status, events = cli(["bench", "infer", "--arch", "vit_upernet", "--backbone", "vit_tiny_patch16_224", "--crop",
                           "2x32x32", "--size", "4x40x40", "--device", "cpu", "--repeats", "1", "--json", str(out),
                           "--variant", "overlap=0.5", "--variant", "overlap=0,0,0 precision=int8",
-                          "--variant", "sw_batch=1 threads=1"])
+                          "--variant", "sw_batch=2 threads=1"])
     assert status == 0, events
     data = json.loads(out.read_text(encoding="utf-8"))
     rows = {r["variant"]: r for r in data["variants"]}
-    assert list(rows) == ["overlap=0.5", "overlap=0,0,0 precision=int8", "sw_batch=1 threads=1"]
+    assert list(rows) == ["overlap=0.5", "overlap=0,0,0 precision=int8", "sw_batch=2 threads=1"]
     assert data["dice_against"] == "the first variant"
     assert rows["overlap=0.5"]["dice_difference_points"] == 0 and rows["overlap=0.5"]["speedup"] == 1
-    # 4x40x40 in 2x32x32 windows: overlap 0.5 -> 3 x 2 x 2 windows, none -> 2 x 2 x 2; 2 per call on a CPU
-    assert rows["overlap=0.5"]["forward_calls"] == 6
-    assert rows["overlap=0,0,0 precision=int8"]["forward_calls"] == 4
-    assert rows["sw_batch=1 threads=1"]["forward_calls"] == 12
+    # 4x40x40 in 2x32x32 windows: overlap 0.5 -> 3 x 2 x 2 windows, none -> 2 x 2 x 2; 1 per call on a CPU
+    assert rows["overlap=0.5"]["forward_calls"] == 12
+    assert rows["overlap=0,0,0 precision=int8"]["forward_calls"] == 8
+    assert rows["sw_batch=2 threads=1"]["forward_calls"] == 6
     assert all(r["seconds"] > 0 for r in rows.values())
 
 
@@ -95,6 +95,28 @@ def test_bench_infer_refuses_an_unknown_variant_key(cli):
                           "--variant", "speed=fast", "--device", "cpu"])
     assert status == 2
     assert any(e["event"] == "error" and e["code"] == "INVALID_OPTION" for e in events)
+
+
+def test_one_window_per_call_on_a_cpu_keeps_an_int8_window_independent_of_its_neighbours():
+    """One window a call on a CPU (measured no slower than two, README "Choosing the inference settings"): under
+    int8 a window's result then does not depend on the windows beside it (dynamic quantization scales each call's
+    activations by that call's range)."""
+    from MedTuningLib.engine.infer import auto_sw_batch_size
+
+    assert auto_sw_batch_size(CPU) == 1 and auto_sw_batch_size(torch.device("cuda")) == 4
+    torch.manual_seed(0)
+    vit = build_model(ModelConfig(arch="vit_upernet", backbone="vit_tiny_patch16_224", in_channels=1, num_classes=3,
+                                  img_size=32, depth=4, method="med_tuning", backbone_kwargs={"depth": 4}))
+    int8 = resolve_precision("int8", CPU)
+
+    # int8: the volume's two windows, segmented together, give what each gives alone.
+    volume = torch.randn(1, 8, 32, 32)
+    together = predict_probabilities(vit, volume, (4, 32, 32), CPU, int8, overlap=0.0)
+    alone = torch.cat([predict_probabilities(vit, volume[:, d:d + 4], (4, 32, 32), CPU, int8, overlap=0.0)
+                       for d in (0, 4)], dim=1)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-6)
+    paired = predict_probabilities(vit, volume, (4, 32, 32), CPU, int8, overlap=0.0, sw_batch_size=2)
+    assert (paired - alone).abs().max() > 1e-6  # two windows a call do change an int8 window's result
 
 
 def test_bench_infer_tta_variants():
@@ -156,7 +178,7 @@ def test_fast_segments_without_overlap_in_int8_on_a_cpu_and_given_options_win(tm
     assert segment("--fast") == ["fast settings: window overlap 0, precision int8"]
     # Every forward call is reported, with the time left: the progress bar moves while the scan is segmented.
     infer = [e for e in last_events if e["event"] == "progress" and e["phase"] == "infer"]
-    calls = windows_per_volume((8, 40, 40), (4, 32, 32), 0.0) // 2  # two windows per call on a CPU
+    calls = windows_per_volume((8, 40, 40), (4, 32, 32), 0.0)  # int8 on a CPU: one window per call
     assert [e["step"] for e in infer[1:]] == list(range(1, calls + 1)) and {e["total"] for e in infer[1:]} == {calls}
     assert infer[-1]["eta_s"] == 0 and all(e["eta_s"] >= 0 for e in infer[1:])
     assert segment("--fast", "--overlap", "0.5", "--precision", "fp32") == [
