@@ -31,3 +31,19 @@ def test_a_slab_thinner_than_the_crop_is_padded_with_its_edge_slices_not_zeros()
     assert torch.all(window[0] == 1.0) and torch.all(window[-1] == 3.0)
     # the padding is cut off again: the result covers exactly the input's slices
     assert torch.allclose(probs[1, :, 0, 0], torch.sigmoid(2 * torch.tensor([1.0, 2.0, 3.0])), atol=1e-5)
+
+
+def test_class_map_is_the_argmax_over_classes_ties_to_the_first():
+    import numpy as np
+
+    from MedTuningLib.engine.infer import class_map_of
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 6, 7, 8), dim=0)
+    probs[:, 0, 0, :4] = torch.tensor([0.3, 0.3, 0.3, 0.1])[:, None]  # a three-way tie: class 0, as argmax
+    probs[:, 0, 1, :4] = torch.tensor([0.1, 0.4, 0.4, 0.1])[:, None]  # a tie of 1 and 2: class 1
+    classes = class_map_of(probs)
+    assert classes.dtype == np.uint8 and classes.shape == (6, 7, 8)
+    assert np.array_equal(classes, probs.argmax(0).numpy())
+    assert (classes[0, 0, :4] == 0).all() and (classes[0, 1, :4] == 1).all()
+    assert np.array_equal(class_map_of(probs.numpy()), classes)  # numpy in, the same classes out

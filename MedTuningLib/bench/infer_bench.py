@@ -179,7 +179,7 @@ def bench_variants(args, events, cancel=None) -> dict:
     """``--variant``: every variant of the tuned path timed ``--repeats`` times (interleaved), its Dice against
     ``--label`` (or against the first variant's result) and the difference to the first variant."""
     from MedTuningLib.engine.device import resolve_device, resolve_precision
-    from MedTuningLib.engine.infer import auto_sw_batch_size, predict_on_input_grid
+    from MedTuningLib.engine.infer import auto_sw_batch_size, class_map_of, predict_on_input_grid
 
     device = resolve_device(args.device)
     variants = [(text, parse_variant(text)) for text in args.variant]
@@ -206,7 +206,7 @@ def bench_variants(args, events, cancel=None) -> dict:
                 torch.cuda.synchronize(device)
         finally:
             torch.set_num_threads(default_threads)
-        return probs.argmax(0).numpy().astype(np.uint8)
+        return class_map_of(probs)
 
     # Warm-up (one-off kernel selection, int8 packing) on one window's worth of the volume, not timed.
     warm = np.ascontiguousarray(array[:, :crop[0], :crop[1], :crop[2]])
@@ -252,7 +252,7 @@ def bench_variants(args, events, cancel=None) -> dict:
 
 def bench_infer(args, events, cancel=None) -> dict:
     from MedTuningLib.engine.device import precision_name, resolve_device, resolve_precision
-    from MedTuningLib.engine.infer import auto_sw_batch_size, predict_probabilities
+    from MedTuningLib.engine.infer import auto_sw_batch_size, class_map_of, predict_probabilities
 
     if getattr(args, "variant", None):
         return bench_variants(args, events, cancel)
@@ -284,7 +284,7 @@ def bench_infer(args, events, cancel=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[path].append(time.perf_counter() - t0)
-            probs[path] = p.argmax(0).numpy().astype(np.uint8)
+            probs[path] = class_map_of(p)
             events.log(f"  {path}: {times[path][-1]:.1f} s")
     events.progress("infer", total, total)
 

@@ -136,7 +136,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     from MedTuningLib.bench.train_bench import _max_rss_mb, _status_mb
     from MedTuningLib.data.spacing import describe, to_input_grid, to_working_grid, working_shape
     from MedTuningLib.engine.device import autocast, precision_name, resolve_device, resolve_precision
-    from MedTuningLib.engine.infer import WINDOW_PADDING, auto_sw_batch_size, predict_probabilities
+    from MedTuningLib.engine.infer import WINDOW_PADDING, auto_sw_batch_size, class_map_of, predict_probabilities
 
     device = resolve_device(args.device)
     volume, in_spacing = _read_volume(args)
@@ -199,7 +199,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         t_windows[1] = time.perf_counter()
         t_back = time.perf_counter()
         back = to_input_grid(probs.numpy(), grid, in_spacing, volume.shape[-3:]) if grid else probs.numpy()
-        labels = back.argmax(0).astype(np.uint8)
+        labels = class_map_of(back)
         assert labels.shape == volume.shape[-3:]
         seconds = time.perf_counter() - t0
         back_seconds = time.perf_counter() - t_back
@@ -211,7 +211,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         t_back = time.perf_counter()
         fake = np.random.default_rng(0).random((NUM_CLASSES,) + tuple(grid_shape), dtype=np.float32)
         back = to_input_grid(fake, grid, in_spacing, volume.shape[-3:]) if grid else fake
-        back.argmax(0)
+        class_map_of(back)
         back_seconds = time.perf_counter() - t_back
         seconds = (t_resampled - t0) + (t_windows[0] - t_resampled) + per_call * n_calls + back_seconds
     infer_peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"

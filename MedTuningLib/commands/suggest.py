@@ -36,7 +36,7 @@ def uncertainty(probs: np.ndarray, spacing: tuple[float, ...] = (1.0, 1.0, 1.0))
     score = float(entropy[candidate].mean()) if n else 1.0
     voxel_mm3 = float(np.prod(spacing))
     return {"score": round(score, 6), "candidate_voxels": n, "candidate_mm3": round(n * voxel_mm3, 1),
-            "foreground_voxels": int((probs.argmax(0) > 0).sum())}
+            "foreground_voxels": int((probs[1:].max(0) > probs[0]).sum())}  # argmax > 0, without the argmax
 
 
 def run(args, ctx) -> dict:

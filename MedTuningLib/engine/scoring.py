@@ -20,14 +20,14 @@ def validate_cases(model, val_data: list[dict], scheme, crop: tuple[int, int, in
     """Mean Dice per region (and ``dice/mean``) over the validation cases, by sliding window; leaves the
     model in training mode."""
     from MedTuningLib.engine.evaluate import region_scores
-    from MedTuningLib.engine.infer import predict_probabilities
+    from MedTuningLib.engine.infer import class_map_of, predict_probabilities
 
     per_case = []
     for i, case in enumerate(val_data):
         cancel.check()
         probs = predict_probabilities(model, torch.from_numpy(case["image"]), crop, device, dtype, overlap=0.25,
                                       on_window=cancel.check)
-        pred = probs.argmax(0).numpy()
+        pred = class_map_of(probs)
         per_case.append(region_scores(scheme, pred, case["label"][0], case["spacing"], hd95=False))
         events.progress("validate", i + 1, len(val_data))
     model.train()
@@ -47,7 +47,7 @@ def score_test_cases(model, library, scheme, preprocessing, cache, spacing, crop
     """Dice per region on the library's test cases (held out: never trained on nor used for selection),
     recorded in the model folder so that every round is scored on the same cases."""
     from MedTuningLib.engine.evaluate import region_scores
-    from MedTuningLib.engine.infer import predict_on_input_grid
+    from MedTuningLib.engine.infer import class_map_of, predict_on_input_grid
 
     cases = [c for c in library.cases("test") if c.labelled]
     if not cases:
@@ -62,7 +62,7 @@ def score_test_cases(model, library, scheme, preprocessing, cache, spacing, crop
         # Scored on the case's own grid, as 'medtuning evaluate' scores it.
         probs = predict_on_input_grid(model, data["image"], data["spacing"], spacing, crop, device, dtype,
                                       overlap=0.25, on_window=cancel.check)
-        metrics = region_scores(scheme, probs.argmax(0).numpy(), data["label"][0], data["spacing"], hd95=False)
+        metrics = region_scores(scheme, class_map_of(probs), data["label"][0], data["spacing"], hd95=False)
         scored.append(CaseScores(id=case.id, metrics=metrics))
         events.progress("infer", i + 1, len(cases), case=case.id, split="test")
     regions = [r.name for r in scheme.regions] + (["composite"] if scheme.composite else [])
