@@ -161,7 +161,7 @@ def predict_on_input_grid(model: torch.nn.Module, image: np.ndarray, spacing: Se
 
 def class_map_of(probs: torch.Tensor | np.ndarray) -> np.ndarray:
     """The class of each voxel: the argmax over the first axis of ``[K, D, H, W]`` probabilities, as uint8
-    ``[D, H, W]`` (the first of equal maxima wins, as ``argmax``). Compared class by class: on a CPU,
+    ``[D, H, W]`` (int64 beyond 255 classes; the first of equal maxima wins, as ``argmax``). Compared class by class: on a CPU,
     ``torch.argmax(0)`` of a 3-class 200x512x512 map took 9.0 s, numpy's 3.3 s, this 0.7 s."""
     probs = torch.as_tensor(probs)
     if probs.shape[0] > 255:
