@@ -179,8 +179,9 @@ def test_fast_segments_without_overlap_in_int8_on_a_cpu_and_given_options_win(tm
     # Every forward call is reported, with the time left: the progress bar moves while the scan is segmented.
     infer = [e for e in last_events if e["event"] == "progress" and e["phase"] == "infer"]
     calls = windows_per_volume((8, 40, 40), (4, 32, 32), 0.0)  # int8 on a CPU: one window per call
-    assert [e["step"] for e in infer[1:]] == list(range(1, calls + 1)) and {e["total"] for e in infer[1:]} == {calls}
-    assert infer[-1]["eta_s"] == 0 and all(e["eta_s"] >= 0 for e in infer[1:])
+    assert [(e["step"], e["total"]) for e in infer[:2]] == [(0, 1), (0, calls)]  # reading, then the windows start
+    assert [e["step"] for e in infer[2:]] == list(range(1, calls + 1)) and {e["total"] for e in infer[2:]} == {calls}
+    assert infer[-1]["eta_s"] == 0 and all(e["eta_s"] >= 0 for e in infer[2:])
     assert segment("--fast", "--overlap", "0.5", "--precision", "fp32") == [
         "fast settings: window overlap 0.5, precision fp32"]
     assert segment() == []
@@ -190,3 +191,22 @@ def test_fast_segments_without_overlap_in_int8_on_a_cpu_and_given_options_win(tm
     status, events = cli(["evaluate", "--model", str(model), "--library", str(library), "--fast", "--protocol",
                           "paper", "--device", "cpu"])
     assert status == 2 and events[-1]["code"] == "INVALID_OPTION" and "--fast" in events[-1]["message"]
+
+
+def test_the_time_left_counts_forward_calls_only(monkeypatch):
+    """Reading and resampling before the windows, and the first call's one-off set-up, do not inflate the estimate."""
+    from MedTuningLib.commands import segment
+
+    clock = iter([0.0, 10.0, 14.0, 16.0, 18.0])  # made; windows start after 10 s; calls end at 14, 16, 18 s
+    monkeypatch.setattr(segment.time, "monotonic", lambda: next(clock))
+    sent = []
+
+    class Events:
+        def progress(self, phase, step, total, **fields):
+            sent.append((step, total, fields.get("eta_s")))
+
+    report = segment.window_progress(Events())
+    for done in range(4):
+        report(done, 5)
+    # After call 1: 4 s a call (not 14 s, the time since the scan was read); then the 2 s of the calls after it.
+    assert sent == [(0, 5, None), (1, 5, 16.0), (2, 5, 6.0), (3, 5, 4.0)]

@@ -88,7 +88,8 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
     and are averaged there (``flips_per="window"``, as nnU-Net mirrors each window), so the volume is windowed
     once; ``"volume"`` (and ``flip_softmax``, which needs it) runs one sliding-window pass per flipped volume.
 
-    ``on_progress(done, total)`` follows each forward call (``total``: the calls the whole volume takes).
+    ``on_progress(done, total)`` follows each forward call (``total``: the calls the whole volume takes), and
+    ``on_progress(0, total)`` comes just before the first.
     """
     from monai.inferers import sliding_window_inference
 
@@ -128,6 +129,8 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, crop: Seq
                 return sum(torch.flip(p, axes) if axes else p for p, axes in zip(probs, window_flips)) / len(probs)
 
             inputs = image.unsqueeze(0).to(device=device, dtype=torch.float32)
+            if on_progress is not None:
+                on_progress(0, expected_calls)  # the windows start (the int8 copy, if any, is made)
             for axes in volume_flips:
                 flipped = torch.flip(inputs, axes) if axes else inputs
                 probs = sliding_window_inference(flipped, roi_size=list(crop), sw_batch_size=sw_batch_size,
