@@ -163,7 +163,7 @@ def test_stubborn_training_is_killed_with_its_children(loop, tmp_path):
 
 
 
-def test_next_scan_to_correct_is_loaded_segmented_and_replaced_by_its_correction(loop):
+def test_next_scan_to_correct_is_loaded_segmented_and_replaced_by_its_correction(loop, tmp_path):
     """"Next scan to correct": scene volumes go into the library as an unlabelled scan, suggest ranks the
     library's unlabelled scans, the top one loads as volume nodes (one per modality) and segments, and once
     added back corrected it is a labelled case and no longer unlabelled."""
@@ -183,8 +183,15 @@ def test_next_scan_to_correct_is_loaded_segmented_and_replaced_by_its_correction
     assert [n.GetName() for n in loaded] == [f"{scan_id} {m}" for m in MODALITIES]
     for node, original in zip(loaded, volumes):
         assert np.array_equal(read_volume_array(node), read_volume_array(original))
-    with pytest.raises(MrmlError, match="reads 1"):
+    with pytest.raises(MrmlError, match="reads 1.*choose a model") as refused:
         logic.load_scan_to_correct(ranking[0], dataclasses.replace(model, modalities=["CT"]))
+    assert refused.value.code == "MODALITY_COUNT_MISMATCH"
+    volumes_before = ctx.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(MrmlError, match="Could not read the scan") as unreadable:  # the second image is gone
+        logic.load_scan_to_correct({**ranking[0], "images": [ranking[0]["images"][0], str(tmp_path / "gone.nrrd")]},
+                                   model)
+    assert unreadable.value.code == "FILE_UNREADABLE"
+    assert ctx.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes_before  # the first one went too
 
     result = finished(logic.start_segmentation(model, loaded, device="cpu"), 900)
     finished(logic.start_add_cases([(loaded, result, "train")], MODALITIES, provenance="correction"), 300)

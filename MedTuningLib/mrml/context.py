@@ -24,8 +24,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 class MrmlError(RuntimeError):
     """An MRML operation failed (a node could not be written or read, an input is unusable).
 
-    The message says what went wrong and what to do; the Slicer module shows it as it is.
+    The message says what went wrong and what to do; the Slicer module shows it as it is. ``code``, where given,
+    is the backend's error code for the same fault (MedTuningLib.errors), for front ends that show codes.
     """
+
+    def __init__(self, message: str, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class MrmlContext:

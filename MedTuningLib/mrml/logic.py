@@ -286,13 +286,19 @@ class MedTuningMrmlLogic:
         images = list(entry.get("images") or [])
         if len(images) != len(model.modalities):
             raise MrmlError(f"The scan {entry.get('id')} has {len(images)} image(s); the model {model.name} reads "
-                            f"{len(model.modalities)} ({', '.join(model.modalities)})")
+                            f"{len(model.modalities)} ({', '.join(model.modalities)}): choose a model of the scan's "
+                            f"modalities to rank and segment it", code="MODALITY_COUNT_MISMATCH")
         nodes = []
-        for path, modality in zip(images, model.modalities):
-            name = str(entry["id"]) if len(images) == 1 else f"{entry['id']} {modality}"
-            node = read_volume(self.context, path, name)
-            node.SetAttribute(UNLABELLED_CASE_ATTRIBUTE, str(entry["id"]))
-            nodes.append(node)
+        try:
+            for path, modality in zip(images, model.modalities):
+                name = str(entry["id"]) if len(images) == 1 else f"{entry['id']} {modality}"
+                node = read_volume(self.context, path, name)
+                node.SetAttribute(UNLABELLED_CASE_ATTRIBUTE, str(entry["id"]))
+                nodes.append(node)
+        except MrmlError:
+            for node in nodes:  # no scan is left half-loaded in the scene
+                self.context.scene.RemoveNode(node)
+            raise
         return nodes
 
     # -- curves ----------------------------------------------------------------------------------

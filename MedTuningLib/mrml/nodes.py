@@ -68,7 +68,8 @@ def read_volume(context: MrmlContext, path: PathLike, name: str) -> Any:
     storage.SetFileName(str(path))
     if not storage.ReadData(node):
         context.scene.RemoveNode(node)
-        raise MrmlError(f"Could not read the scan {path}: check that the case library's file is there and readable")
+        raise MrmlError(f"Could not read the scan {path}: check that the case library's file is there and readable",
+                        code="FILE_UNREADABLE")
     return node
 
 

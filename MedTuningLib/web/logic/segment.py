@@ -71,7 +71,7 @@ class SegmentLogic:
         try:
             volumes = self.logic.load_scan_to_correct(top, model)
         except MrmlError as exc:
-            self.jobs.show_error("FILE_UNREADABLE", str(exc), "check the case library's files")
+            self.jobs.show_error(exc.code or "INVALID_OPTION", str(exc))  # the message says what to do
             return
         self.scans.use_as_inputs(volumes, model.modalities)
         self.segment()
