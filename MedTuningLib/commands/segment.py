@@ -15,7 +15,7 @@ import time
 import traceback
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from MedTuningLib.engine.batch import FORMATS, ScanJob, describe, output_complete
 from MedTuningLib.errors import Cancelled, MedTuningError
@@ -69,16 +69,19 @@ def window_progress(events) -> Callable[[int, int], None]:
     The clock starts when the windows do (``done`` 0), not when the scan is read: reading, resampling and the int8
     copy are not forward calls (on the clinical CT they made the first estimate up to 9x the time left). From the
     second call on the rate leaves out the first call, which also carries the one-off kernel set-up."""
-    marks: dict[int, float] = {0: time.monotonic()}
+    windows_start = time.monotonic()
+    first_call_end: Optional[float] = None
 
     def report(done: int, total: int) -> None:
+        nonlocal windows_start, first_call_end
         now = time.monotonic()
         if done == 0:
-            marks[0] = now
+            windows_start = now
             events.progress("infer", 0, total)
             return
-        marks.setdefault(1, now)
-        since, calls = (marks[1], done - 1) if done > 1 else (marks[0], done)
+        if first_call_end is None:
+            first_call_end = now
+        since, calls = (first_call_end, done - 1) if done > 1 else (windows_start, done)
         events.progress("infer", done, total, eta_s=round((now - since) / calls * (total - done), 1))
 
     return report
